@@ -1,0 +1,64 @@
+"""Schema of the ``data`` config group (conf/data/*.yaml documents every field)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from onerec_dist.config import require
+
+
+@dataclass
+class SyntheticConfig:
+    num_users: int = 600
+    num_items: int = 300
+    num_top_categories: int = 5
+    subcategories_per_top: int = 4
+    brands_per_top: int = 4
+    interests_per_user: int = 2
+    min_seq_len: int = 6
+    max_seq_len: int = 16
+    complement_prob: float = 0.6
+    drift_prob: float = 0.15
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.num_users >= 1, "data.synthetic.num_users", "must be >= 1")
+        require(self.num_items >= 2, "data.synthetic.num_items", "must be >= 2")
+        require(self.min_seq_len >= 3, "data.synthetic.min_seq_len", "must be >= 3 (leave-one-out needs 3 items)")
+        require(self.max_seq_len >= self.min_seq_len, "data.synthetic.max_seq_len", "must be >= min_seq_len")
+        require(0 <= self.complement_prob <= 1, "data.synthetic.complement_prob", "must be in [0, 1]")
+        require(0 <= self.drift_prob <= 1, "data.synthetic.drift_prob", "must be in [0, 1]")
+        require(self.interests_per_user >= 1, "data.synthetic.interests_per_user", "must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    format: Literal["synthetic", "letter", "minionerec", "interactions"] = "synthetic"
+    name: str = "synthetic"
+    dir: str | None = None
+    split: Literal["leave_one_out", "given"] = "leave_one_out"
+    max_history: int = 50
+    min_seq_len: int = 3
+    on_short_user: Literal["drop", "error"] = "drop"
+    on_unknown_item: Literal["drop", "error"] = "error"
+    on_duplicate_item: Literal["error", "keep_first"] = "error"
+    on_bad_sid: Literal["error", "drop_sid"] = "error"
+    on_duplicate_sid: Literal["report", "error", "drop_sid"] = "report"
+    interactions_file: str | None = None
+    items_file: str | None = None
+    user_column: str = "user"
+    item_column: str = "item"
+    time_column: str | None = "timestamp"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        require(self.max_history >= 1, "data.max_history", "must be >= 1")
+        require(self.min_seq_len >= 3, "data.min_seq_len", "must be >= 3 (test + validation + one training target)")
+        if self.format in ("letter", "minionerec"):
+            require(self.dir is not None, "data.dir", f"is required for data.format={self.format}")
+        if self.format == "interactions":
+            require(self.interactions_file is not None, "data.interactions_file", "is required for format=interactions")
+        if self.split == "given":
+            require(self.format == "minionerec", "data.split", "'given' needs files with their own split "
+                    "(format=minionerec); use 'leave_one_out'")
