@@ -1,0 +1,1 @@
+"""Job submission for onerec-dist (Ray Jobs, SLURM, KubeRay, local); installs as `onerec_launch`."""
