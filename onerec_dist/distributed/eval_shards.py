@@ -1,0 +1,67 @@
+"""Shard `onerec eval` over Ray workers. Whole length-sorted batches are dealt round-robin to workers, each
+worker decodes its batches exactly as the single process would, and the driver merges by batch number, so the
+sharded result equals the single-process one."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+
+def ensure_ray() -> None:
+    """Join a running Ray (initialised, or RAY_ADDRESS) or start a local one with a short temp dir (socket paths
+    must stay under 107 bytes)."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        return
+    ray.init(_temp_dir=os.environ.get("ONEREC_RAY_TEMP_DIR", "/tmp/ray_onerec"), include_dashboard=False,
+             log_to_driver=False)
+
+
+def _decode_shard(eval_cfg, model_dir: str, item_codes: np.ndarray, prompts, histories, batches, numbers):
+    import torch
+
+    from onerec_dist.decoding.beam_search import ConstrainedDecoder
+    from onerec_dist.evaluation import decode_batches
+    from onerec_dist.models import load_pretrained
+    from onerec_dist.sid.prefix_index import PrefixIndex
+    from onerec_dist.sid.tokens import ItemTokenizer
+
+    torch.set_num_threads(1)
+    model, tokenizer = load_pretrained(model_dir, "sdpa", "auto")
+    device = torch.device("cuda" if eval_cfg.use_gpu and torch.cuda.is_available() else "cpu")
+    model.eval().to(device)
+    item_tok = ItemTokenizer.from_tokenizer(tokenizer)
+    codes = torch.as_tensor(item_codes)
+    decoder = ConstrainedDecoder(model, item_tok, PrefixIndex.build(codes, item_tok.codebook_sizes),
+                                 eval_cfg.beam_width, eval_cfg.top_k, eval_cfg.normalization, eval_cfg.step_impl,
+                                 tokenizer.pad_token_id or 0, item_codes=codes)
+    mine = [batches[n] for n in numbers]
+    local = decode_batches(decoder, prompts, histories, mine, eval_cfg.exclude_history, progress=False)
+    return {numbers[i]: result for i, result in local.items()}
+
+
+def decode_sharded(eval_cfg, model_dir: str, item_codes, prompts, histories, batches) -> dict:
+    """{batch number: (items, scores)} for every batch, computed on eval_cfg.num_workers Ray workers."""
+    import ray
+    from tqdm import tqdm
+
+    ensure_ray()
+    remote = ray.remote(num_cpus=1, num_gpus=1 if eval_cfg.use_gpu else 0)(_decode_shard)
+    shared = [ray.put(x) for x in (item_codes, prompts, histories, batches)]
+    numbers = [list(range(w, len(batches), eval_cfg.num_workers)) for w in range(eval_cfg.num_workers)]
+    pending = [remote.remote(eval_cfg, model_dir, *shared, n) for n in numbers if n]
+    merged: dict = {}
+    with tqdm(total=len(batches), desc=f"eval x{eval_cfg.num_workers} workers", unit="batch") as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            part = ray.get(done[0])
+            merged.update(part)
+            bar.update(len(part))
+    return merged

@@ -1,0 +1,119 @@
+"""Evaluation pieces shared by `onerec eval` and its Ray shards: prompts, length batching, decoding, baselines.
+
+Pure and single-device; onerec_dist/distributed/eval_shards.py deals whole batches to Ray workers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from onerec_dist.config import require
+from onerec_dist.data.types import Examples
+
+BASELINES = ("popular", "hf_generate")
+
+
+@dataclass
+class EvalConfig:
+    split: Literal["test", "valid"] = "test"
+    beam_width: int = 20
+    top_k: int = 20
+    normalization: Literal["full", "valid"] = "full"
+    batch_size: int = 32
+    max_users: int | None = None
+    exclude_history: bool = False
+    baseline: str | list[str] = "popular"
+    model: bool = True
+    num_workers: int = 1
+    use_gpu: bool = False
+    device: str = "auto"
+    step_impl: Literal["auto", "triton", "reference"] = "auto"
+    ks: list[int] = (1, 5, 10, 20)
+    ndcg_ks: list[int] = (5, 10, 20)
+    save_predictions: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.baseline, str):
+            self.baseline = [] if self.baseline in ("none", "") else [self.baseline]
+        for name in self.baseline:
+            require(name in BASELINES, "eval.baseline", f"{name!r} is not allowed; allowed values: "
+                    f"{', '.join(BASELINES)} (a list, a single name, or none)")
+        require(self.top_k >= 1, "eval.top_k", "must be >= 1")
+        require(self.beam_width >= self.top_k, "eval.beam_width", f"must be >= eval.top_k={self.top_k}")
+        require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        require(self.num_workers >= 1, "eval.num_workers", "must be >= 1")
+        require(self.max_users is None or self.max_users >= 1, "eval.max_users", "must be >= 1 or null")
+        require(max(self.ks) <= self.top_k, "eval.ks", f"largest K {max(self.ks)} exceeds eval.top_k={self.top_k}")
+        require(max(self.ndcg_ks) <= self.top_k, "eval.ndcg_ks", f"largest K exceeds eval.top_k={self.top_k}")
+        require(self.model or bool(self.baseline), "eval.model", "false with no baseline: nothing to evaluate")
+
+
+def build_prompts(tokenizer, examples: Examples, item_codes: np.ndarray) -> list[list[int]]:
+    """Token ids of the next-item prompt of every user (the same rendering training uses)."""
+    from onerec_dist.prompts import next_item_question, render_prompt
+
+    return [render_prompt(tokenizer, next_item_question([item_codes[i] for i in history]))
+            for history in examples.histories]
+
+
+def length_batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
+    """User positions grouped into batches of similar prompt length (stable sort: deterministic)."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def decode_batches(decoder, prompts, histories, batches, exclude_history: bool, progress: bool = True):
+    """Run the decoder over ``batches``; returns {batch index: (items [b, K], scores [b, K])} as numpy."""
+    from tqdm import tqdm
+
+    results = {}
+    for number, batch in enumerate(tqdm(batches, desc="eval", unit="batch", disable=not progress)):
+        exclude = [histories[i] for i in batch] if exclude_history else None
+        out = decoder.decode([prompts[i] for i in batch], exclude=exclude)
+        results[number] = (out.items.cpu().numpy(), out.scores.float().cpu().numpy())
+    return results
+
+
+def merge_batches(results: dict, batches: list[list[int]], num_users: int, top_k: int):
+    """Scatter per-batch results back to user order: items [U, K], scores [U, K]."""
+    items = np.full((num_users, top_k), -1, dtype=np.int64)
+    scores = np.full((num_users, top_k), -np.inf, dtype=np.float32)
+    for number, batch in enumerate(batches):
+        batch_items, batch_scores = results[number]
+        items[batch] = batch_items
+        scores[batch] = batch_scores
+    return items, scores
+
+
+def training_item_counts(sequences: dict[str, list[int]], given_train: Examples | None, leave_one_out: bool) -> Counter:
+    """Interactions the popularity baseline may see: training interactions only (never the held-out targets)."""
+    counts: Counter = Counter()
+    if leave_one_out:
+        for seq in sequences.values():
+            counts.update(seq[:-2])
+    elif given_train is not None:
+        for history, target in zip(given_train.histories, given_train.targets):
+            counts.update(history + [target])
+    return counts
+
+
+def most_popular(counts: Counter, num_items: int, top_k: int, num_users: int) -> np.ndarray:
+    """The K most frequent training items (ties: lower index first) for every user: [U, K]."""
+    frequency = np.zeros(num_items, dtype=np.int64)
+    for item, count in counts.items():
+        frequency[item] = count
+    ranked = np.lexsort((np.arange(num_items), -frequency))[:top_k]
+    return np.tile(ranked, (num_users, 1))
+
+
+class Stopwatch:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start

@@ -1,0 +1,142 @@
+"""`onerec eval`: Recall@K / NDCG@K / validity / users/s of the model and the selected baselines on the test (or
+validation) users, by constrained beam search over the whole catalogue; per-user predictions to parquet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from onerec_dist.config import from_mapping
+from onerec_dist.data.splits import load_dataset, make_splits
+from onerec_dist.evaluation import (
+    EvalConfig,
+    Stopwatch,
+    build_prompts,
+    decode_batches,
+    length_batches,
+    merge_batches,
+    most_popular,
+    training_item_counts,
+)
+from onerec_dist.metrics import ranking_report
+from onerec_dist.model_setup import build_recommender, model_config, semantic_ids_for_run
+from onerec_dist.stages.prepare import data_config
+
+
+def eval_config(cfg) -> EvalConfig:
+    from omegaconf import OmegaConf
+
+    return from_mapping(EvalConfig, OmegaConf.to_container(cfg.eval, resolve=True), "eval")
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run(cfg, output_dir: Path) -> dict:
+    eval_cfg, data_cfg = eval_config(cfg), data_config(cfg)
+    data = load_dataset(data_cfg)
+    splits = make_splits(data, data_cfg)
+    examples = splits.get(eval_cfg.split)
+    if examples is None:
+        raise ValueError(f"eval.split={eval_cfg.split}: dataset {data.name!r} has no {eval_cfg.split} split")
+    if eval_cfg.max_users is not None:
+        examples.users, examples.histories, examples.targets = (
+            x[: eval_cfg.max_users] for x in (examples.users, examples.histories, examples.targets))
+    item_codes, sizes = semantic_ids_for_run(cfg, data)
+    targets = np.asarray(examples.targets)
+    summary: dict = {"dataset": data.name, "split": eval_cfg.split, "num_users": len(examples),
+                     "num_items": len(data.catalogue), "beam_width": eval_cfg.beam_width,
+                     "normalization": eval_cfg.normalization}
+    report_args = dict(num_items=len(data.catalogue), ks=eval_cfg.ks, ndcg_ks=eval_cfg.ndcg_ks)
+    predictions = {}
+    if "popular" in eval_cfg.baseline:
+        counts = training_item_counts(data.sequences, splits.get("train"), data.given_splits is None)
+        clock = Stopwatch()
+        items = most_popular(counts, len(data.catalogue), eval_cfg.top_k, len(examples))
+        summary["popular"] = {**ranking_report(items, targets, **report_args),
+                              "users_per_s": len(examples) / max(clock.seconds(), 1e-9)}
+        predictions["popular"] = items
+    if eval_cfg.model or "hf_generate" in eval_cfg.baseline:
+        model, tokenizer, item_tok = build_recommender(model_config(cfg), data, sizes, item_codes, seed=cfg.seed)
+        model.eval().to(resolve_device(eval_cfg.device))
+        prompts = build_prompts(tokenizer, examples, item_codes)
+        batches = length_batches(prompts, eval_cfg.batch_size)
+        summary["avg_prompt_tokens"] = float(np.mean([len(p) for p in prompts]))
+        if eval_cfg.model:
+            items, scores, seconds = decode_model(eval_cfg, model, tokenizer, item_tok, item_codes, prompts,
+                                                  examples.histories, batches, output_dir)
+            summary["model"] = {**ranking_report(items, targets, **report_args),
+                                "users_per_s": len(examples) / max(seconds, 1e-9), "seconds": seconds}
+            predictions["model"] = items
+            predictions["model_scores"] = scores
+        if "hf_generate" in eval_cfg.baseline:
+            items, seconds = decode_hf(eval_cfg, model, tokenizer, item_tok, item_codes, prompts, batches)
+            summary["hf_generate"] = {**ranking_report(items, targets, **report_args),
+                                      "users_per_s": len(examples) / max(seconds, 1e-9), "seconds": seconds}
+            predictions["hf_generate"] = items
+    for name in ("model", "popular", "hf_generate"):
+        if name in summary:
+            print(f"eval {name:12s} " + "  ".join(f"{k}={v:.4f}" for k, v in summary[name].items()
+                                                  if k.startswith(("recall@", "ndcg@", "validity"))))
+    main = summary.get("model") or summary.get("hf_generate") or summary["popular"]
+    summary.update({k: v for k, v in main.items() if k.startswith(("recall@", "ndcg@", "validity"))})
+    if eval_cfg.save_predictions:
+        summary["predictions_path"] = str(save_predictions(output_dir, examples, predictions))
+    return summary
+
+
+def decode_model(eval_cfg, model, tokenizer, item_tok, item_codes, prompts, histories, batches, output_dir):
+    from onerec_dist.decoding.beam_search import ConstrainedDecoder
+    from onerec_dist.sid.prefix_index import PrefixIndex
+
+    import torch
+
+    clock = Stopwatch()
+    if eval_cfg.num_workers > 1:
+        from onerec_dist.distributed.eval_shards import decode_sharded
+
+        model_dir = output_dir / "eval_model"
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        results = decode_sharded(eval_cfg, str(model_dir), item_codes, prompts, histories, batches)
+    else:
+        codes = torch.as_tensor(item_codes)
+        decoder = ConstrainedDecoder(model, item_tok, PrefixIndex.build(codes, item_tok.codebook_sizes),
+                                     eval_cfg.beam_width, eval_cfg.top_k, eval_cfg.normalization,
+                                     eval_cfg.step_impl, tokenizer.pad_token_id or 0, item_codes=codes)
+        results = decode_batches(decoder, prompts, histories, batches, eval_cfg.exclude_history)
+    items, scores = merge_batches(results, batches, len(prompts), eval_cfg.top_k)
+    return items, scores, clock.seconds()
+
+
+def decode_hf(eval_cfg, model, tokenizer, item_tok, item_codes, prompts, batches):
+    from tqdm import tqdm
+
+    from onerec_dist.decoding.hf_baseline import hf_beam_search
+
+    clock = Stopwatch()
+    results = {}
+    for number, batch in enumerate(tqdm(batches, desc="eval hf_generate", unit="batch")):
+        items, scores = hf_beam_search(model, item_tok, item_codes, [prompts[i] for i in batch],
+                                       eval_cfg.beam_width, eval_cfg.top_k, tokenizer.pad_token_id or 0)
+        results[number] = (items.numpy(), scores.numpy())
+    items, _ = merge_batches(results, batches, len(prompts), eval_cfg.top_k)
+    return items, clock.seconds()
+
+
+def save_predictions(output_dir: Path, examples, predictions: dict) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {"user": examples.users, "target": examples.targets}
+    for name, values in predictions.items():
+        columns[name] = [row.tolist() for row in values]
+    path = output_dir / "predictions.parquet"
+    pq.write_table(pa.table(columns), path)
+    return path
