@@ -1,0 +1,263 @@
+"""The per-worker training loop that Ray Train runs on every rank (``train_worker``; ``train_worker_sequence`` runs
+several trainings in one worker group), as a plain function ``run_one`` of the configs.
+
+One optimizer step of rank r:
+  1. take this rank's ``grad_accum_steps`` micro-batches from the sampler and collate them;
+  2. all-reduce the number of loss tokens N of the *global* batch (one all-reduce);
+  3. for each micro-batch: loss_sum = job.loss(...).loss_sum; backward(loss_sum * world_size / N) (DeepSpeed
+     averages gradients over ranks, so the world_size factor makes the gradient that of sum(loss_t) / N);
+     strategy.step() (the optimizer steps at the accumulation boundary);
+  4. all-reduce the detached loss sums / per-task sums / token counts for logging.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from onerec_dist.distributed.checkpoint import find_checkpoint
+from onerec_dist.distributed.strategy import DeepSpeedStrategy, count_parameters, seed_everything
+from onerec_dist.training.batching import DistributedBatchSampler, sequence_lengths, task_names, validate_examples
+from onerec_dist.training.config import DeepSpeedConfig, TrainerConfig, peak_flops_per_worker
+from onerec_dist.training.engine_api import TrainJob
+
+EXPORT_DIR = "export"
+STAGING_DIR = "checkpoint_staging"
+CHECKPOINTS_DIR = "checkpoints"  # run_sequence's checkpoints (run_training's live in Ray's storage_path)
+SUMMARY_FILE = "train_summary.json"  # written by rank 0, read by run_training on the driver
+
+
+def make_sampler(trainer: TrainerConfig, lengths, world_size: int, rank: int) -> DistributedBatchSampler:
+    return DistributedBatchSampler(
+        lengths, world_size=world_size, rank=rank, grad_accum_steps=trainer.grad_accum_steps,
+        batch_size=trainer.micro_batch_size if trainer.batching == "examples" else None,
+        max_tokens=trainer.max_tokens if trainer.batching == "tokens" else None,
+        window=trainer.bucket_window, pad_to_multiple_of=trainer.pad_to_multiple_of, seed=trainer.seed)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class RankZeroLogger:
+    """tqdm progress bar and wandb (offline by default) on rank 0; silent elsewhere."""
+
+    def __init__(self, trainer: TrainerConfig, output_dir: Path, rank: int, initial_step: int, config: dict):
+        self.enabled = rank == 0
+        self.bar = self.run = None
+        if not self.enabled:
+            return
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=trainer.max_steps, initial=initial_step, desc="train", dynamic_ncols=True)
+        if trainer.wandb.mode != "disabled":
+            import wandb
+
+            self.run = wandb.init(project=trainer.wandb.project, name=trainer.wandb.run_name or trainer.run_name,
+                                  mode=trainer.wandb.mode, dir=str(output_dir), config=config)
+
+    def step(self, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.run is not None:
+            self.run.finish()
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker for one training (run_training): checkpoints are reported to Ray."""
+    import ray.train
+
+    resume = ray.train.get_checkpoint()  # set when Ray retries after a failure, or restores the same run
+    if resume is None:
+        run_one(config, publish="ray", resume_dir=config.get("resume_dir"))
+        return
+    with resume.as_directory() as ckpt_dir:  # a local path, or a download of remote storage
+        run_one(config, publish="ray", resume_dir=ckpt_dir)
+
+
+def train_worker_sequence(config: dict[str, Any]) -> None:
+    """Several trainings back to back in one worker group (run_sequence); checkpoints go to output_dir/checkpoints."""
+    for run in config["runs"]:
+        trainer: TrainerConfig = run["trainer"]
+        resume_dir = find_checkpoint(trainer.resume) if trainer.resume_mode == "path" else None
+        run_one(run, publish="directory", resume_dir=resume_dir)
+        gc.collect()
+
+
+def run_one(config: dict[str, Any], publish: str, resume_dir: str | Path | None) -> None:
+    """One training on this rank: build, (resume,) train, export, write the summary (rank 0).
+
+    ``config``: job, trainer, deepspeed, output_dir. ``publish``: "ray" reports checkpoints to Ray Train,
+    "directory" merges the ranks' checkpoints under output_dir/checkpoints (needs storage shared by the ranks).
+    """
+    job: TrainJob = config["job"]
+    trainer: TrainerConfig = config["trainer"]
+    ds: DeepSpeedConfig = config["deepspeed"]
+    output_dir = Path(config["output_dir"])
+
+    strategy = DeepSpeedStrategy(trainer, ds)
+    strategy.setup_distributed()
+    seed_everything(trainer.seed)  # identical initial weights on every rank
+    model, tokenizer = job.build_model()
+    examples = list(job.examples())
+    validate_examples(examples)
+    tasks = task_names(examples)
+    sampler = make_sampler(trainer, sequence_lengths(examples), strategy.world_size, strategy.rank)
+    param_groups = job.configure_trainable(model, trainer.weight_decay)
+    num_params, trainable_params = count_parameters(model)
+    engine = strategy.prepare(model, param_groups)
+    fingerprint = {"zero_stage": ds.zero_stage, "precision": trainer.precision, "num_params": num_params,
+                   "trainable_params": trainable_params}
+
+    state: dict[str, Any] = {"step": 0, "losses": [], "log": []}
+    if resume_dir is not None:
+        client_state = strategy.load_checkpoint(resume_dir, fingerprint)
+        sampler.load_state_dict(client_state["sampler"])
+        state = client_state["state"]
+
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    loop = _Loop(job, trainer, strategy, engine, sampler, examples, tasks, 0 if pad_id is None else int(pad_id),
+                 output_dir, num_params, fingerprint, publish)
+    logger = RankZeroLogger(trainer, output_dir, strategy.rank, state["step"],
+                            {"trainer": asdict(trainer), "deepspeed": asdict(ds)})
+    try:
+        run_stats = loop.train(state, logger)
+    finally:
+        logger.close()
+
+    export_dir = output_dir / EXPORT_DIR
+    strategy.export_hf(engine, tokenizer, export_dir)
+    engine.eval()
+    with torch.no_grad():
+        final_metrics = job.final_metrics(engine)
+    losses = state["losses"]
+    summary = {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+               "losses": losses, "steps": state["step"], "world_size": strategy.world_size,
+               "num_params": num_params, "trainable_params": trainable_params, "tasks": tasks, "log": state["log"],
+               "export_dir": str(export_dir), "checkpoint_dir": loop.last_checkpoint, "final_metrics": final_metrics,
+               **run_stats}
+    if strategy.is_rank0:  # Ray Train V2 keeps only metrics reported with checkpoints, so the summary goes to a file
+        shutil.rmtree(output_dir / STAGING_DIR, ignore_errors=True)
+        tmp = output_dir / (SUMMARY_FILE + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=1, default=str))
+        tmp.replace(output_dir / SUMMARY_FILE)
+    strategy.barrier()
+
+
+class _Loop:
+    """Everything the step loop needs (kept as one object so train() stays short)."""
+
+    def __init__(self, job, trainer, strategy, engine, sampler, examples, tasks, pad_id, output_dir, num_params,
+                 fingerprint, publish):
+        self.job, self.trainer, self.strategy, self.engine = job, trainer, strategy, engine
+        self.sampler, self.examples, self.tasks, self.pad_id = sampler, examples, tasks, pad_id
+        self.output_dir, self.num_params, self.fingerprint = output_dir, num_params, fingerprint
+        self.publish, self.last_checkpoint = publish, None
+        device_name = torch.cuda.get_device_name(strategy.device) if trainer.use_gpu else None
+        self.peak_flops = peak_flops_per_worker(trainer, device_name)
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step; returns the all-reduced [loss_sum, loss_units, tokens, task_sums.., task_counts..]."""
+        t, strategy = self.trainer, self.strategy
+        micro_batches = [self.job.collate([self.examples[i] for i in ids], self.tasks, self.pad_id,
+                                          t.pad_to_multiple_of) for ids in self.sampler.next_step()]
+        local_units = sum(self.job.loss_units(b) for b in micro_batches)
+        global_units = float(strategy.all_reduce(torch.tensor([local_units]))[0])
+        scale = strategy.world_size / max(global_units, 1.0)
+        stats = torch.zeros(3 + 2 * len(self.tasks), dtype=torch.float64)
+        for batch in micro_batches:
+            batch = _to_device(batch, strategy.device)
+            out = self.job.loss(self.engine, batch)
+            strategy.backward(out.loss_sum * scale)
+            strategy.step()
+            stats += torch.cat([out.loss_sum.detach().double().reshape(1).cpu(), torch.zeros(1, dtype=torch.float64),
+                                batch["attention_mask"].sum().double().reshape(1).cpu(),
+                                out.task_sums.detach().double().cpu(), out.task_counts.detach().double().cpu()])
+        stats = strategy.all_reduce(stats)
+        stats[1] = global_units
+        return stats
+
+    def train(self, state: dict[str, Any], logger: RankZeroLogger) -> dict[str, Any]:
+        t, strategy = self.trainer, self.strategy
+        self.engine.train()
+        start_step, num_tasks = state["step"], len(self.tasks)
+        interval = torch.zeros(3 + 2 * num_tasks, dtype=torch.float64)
+        tokens = 0.0
+        started = interval_start = time.perf_counter()
+        while state["step"] < t.max_steps:
+            stats = self.train_step()
+            state["step"] += 1
+            step = state["step"]
+            loss = float(stats[0] / max(float(stats[1]), 1.0))
+            state["losses"].append(loss)
+            tokens += float(stats[2])
+            interval += stats
+            logger.step(loss)
+            if step % t.log_every == 0 or step == t.max_steps:
+                row = self._log_row(step, loss, interval, time.perf_counter() - interval_start)
+                state["log"].append(row)
+                logger.log(row)
+                interval.zero_()
+                interval_start = time.perf_counter()
+            if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.max_steps):
+                self.save_and_report(state, loss)
+        seconds = time.perf_counter() - started
+        per_worker = tokens / strategy.world_size / seconds if seconds > 0 else 0.0
+        return {"resumed_from_step": start_step, "tokens": int(tokens), "seconds": round(seconds, 3),
+                "tokens_per_s_per_worker": per_worker, "mfu": 6 * self.num_params * per_worker / self.peak_flops}
+
+    def _log_row(self, step: int, loss: float, interval: torch.Tensor, seconds: float) -> dict[str, Any]:
+        n = len(self.tasks)
+        per_worker = float(interval[2]) / self.strategy.world_size / max(seconds, 1e-9)
+        row = {"step": step, "loss": loss, "lr": self.strategy.lr(), "grad_norm": self.strategy.grad_norm(),
+               "tokens_per_s_per_worker": per_worker, "mfu": 6 * self.num_params * per_worker / self.peak_flops}
+        for i, task in enumerate(self.tasks):
+            count = float(interval[3 + n + i])
+            row[f"loss/{task}"] = float(interval[3 + i]) / count if count else None
+        return row
+
+    def save_and_report(self, state: dict[str, Any], loss: float) -> None:
+        """Every rank saves into its own staging directory, then publishes it: reported to Ray (which merges the
+        ranks' directories into one checkpoint), or copied into output_dir/checkpoints/<name>."""
+        step, rank = state["step"], self.strategy.rank
+        name = f"checkpoint_step{step:08d}"
+        staging = self.output_dir / STAGING_DIR / name / f"rank{rank}"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.strategy.save_checkpoint(staging, f"step{step}", {"sampler": self.sampler.state_dict(), "state": state},
+                                      {**self.fingerprint, "step": step})
+        if self.publish == "ray":
+            import ray.train
+
+            ray.train.report({"step": step, "loss": loss}, checkpoint=ray.train.Checkpoint.from_directory(staging),
+                             checkpoint_dir_name=name)
+        else:
+            final = self.output_dir / CHECKPOINTS_DIR / name
+            shutil.copytree(staging, final, dirs_exist_ok=True)
+            self.strategy.barrier()
+            if self.strategy.is_rank0:
+                _prune_checkpoints(self.output_dir / CHECKPOINTS_DIR, self.trainer.keep_checkpoints)
+            self.last_checkpoint = str(final)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _prune_checkpoints(root: Path, keep: int | None) -> None:
+    if keep is None:
+        return
+    for old in sorted(p for p in root.glob("checkpoint_step*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
