@@ -74,10 +74,11 @@ def write_outputs(output_dir: Path, cfg, summary: dict) -> None:
 
 def run_stage(stage: str, cfg, output_dir: Path) -> dict:
     """Run one stage into output_dir and write its config and summary; returns the summary."""
-    module = importlib.import_module(STAGES[stage].module)
+    spec = STAGES[stage]
+    stage_fn = getattr(importlib.import_module(spec.module), spec.function)
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    summary = module.run(cfg, output_dir)
+    summary = stage_fn(cfg, output_dir)
     summary.setdefault("seconds", round(time.perf_counter() - start, 3))
     summary = {"stage": stage, **summary}
     write_outputs(output_dir, cfg, summary)

@@ -7,11 +7,18 @@ from dataclasses import dataclass
 class StageSpec:
     module: str
     help: str
+    # Function of the module that runs the stage: fn(cfg, output_dir) -> summary.
+    function: str = "run"
 
 
 STAGES: dict[str, StageSpec] = {
     "prepare": StageSpec("onerec_dist.stages.prepare", "read a dataset, split it, print and save statistics"),
     "sid": StageSpec("onerec_dist.stages.sid", "build semantic IDs from item text (or load them from a file)"),
+    "align": StageSpec("onerec_dist.stages.align", "Itemic Alignment training: stage=warmup | stage=multitask"),
+    "align_warmup": StageSpec("onerec_dist.stages.align", "alignment stage 1 (token warm-up), for pipelines",
+                              "run_warmup"),
+    "align_multitask": StageSpec("onerec_dist.stages.align", "alignment stage 2 (multi-task), for pipelines",
+                                 "run_multitask"),
     "eval": StageSpec("onerec_dist.stages.eval", "Recall/NDCG/validity by constrained beam search, with baselines"),
     "pipeline": StageSpec("onerec_dist.stages.pipeline", "run the stages in pipeline.stages in order (default job)"),
 }

@@ -1,0 +1,166 @@
+"""`onerec align stage=warmup|multitask`: Itemic Alignment on Ray Train + DeepSpeed (OneRec-Think Sec. 3.2).
+
+The driver reads the data, resolves the semantic IDs, builds the model with item tokens (stage 1: from scratch or a
+checkpoint; stage 2: stage 1's export), saves it as the common starting point, builds the stage's examples, and
+hands an ``AlignJob`` to the engine (``onerec_dist.distributed.run_training``). Artifacts of a stage live in
+``output_dir/<stage>/`` (init model, checkpoints, export), so both stages can share one output_dir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from onerec_dist.config import from_mapping, require
+from onerec_dist.data.splits import load_dataset, make_splits
+from onerec_dist.model_setup import build_recommender, model_config, semantic_ids_for_run
+from onerec_dist.stages.prepare import data_config
+from onerec_dist.training.align_job import AlignJob, LoraSettings, changed_outside_rows
+from onerec_dist.training.config import deepspeed_config, trainer_config
+
+
+@dataclass
+class WarmupSettings:
+    lr: float | None = 1e-3
+    max_steps: int | None = None
+    num_examples: int | None = None
+
+
+@dataclass
+class MultitaskSettings:
+    trainable: Literal["full", "lora"] = "full"
+    lr: float | None = None
+    max_steps: int | None = None
+    num_examples: int | None = None
+    ratios: dict = field(default_factory=dict)
+    general_text_path: str | None = None
+    max_description_tokens: int = 64
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass
+class AlignConfig:
+    stage: Literal["warmup", "multitask"] = "warmup"
+    max_length: int = 512
+    max_history: int | None = None
+    max_persona_items: int | None = 20
+    verify_warmup: bool = True
+    warmup: WarmupSettings = field(default_factory=WarmupSettings)
+    multitask: MultitaskSettings = field(default_factory=MultitaskSettings)
+
+    def __post_init__(self) -> None:
+        require(self.max_length >= 16, "align.max_length", "must be >= 16")
+
+
+def align_config(cfg) -> AlignConfig:
+    from omegaconf import OmegaConf
+
+    return from_mapping(AlignConfig, OmegaConf.to_container(cfg.align, resolve=True), "align")
+
+
+def engine_configs(cfg, settings):
+    """trainer / deepspeed configs, with the stage's lr and max_steps replacing trainer.* when set."""
+    from omegaconf import OmegaConf
+
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    for key in ("lr", "max_steps"):
+        if getattr(settings, key) is not None:
+            trainer[key] = getattr(settings, key)
+    return trainer_config(trainer), deepspeed_config(OmegaConf.to_container(cfg.deepspeed, resolve=True))
+
+
+def starting_model(cfg, stage: str, output_dir: Path):
+    """Stage 2 starts from stage 1's export: model.name_or_path when set, else output_dir/warmup/export."""
+    model_cfg = model_config(cfg)
+    if stage == "multitask" and not model_cfg.name_or_path:
+        export = output_dir / "warmup" / "export"
+        if not (export / "config.json").is_file():
+            raise ValueError(f"align stage=multitask starts from stage 1's output, but {export} has no model: run "
+                             f"`onerec align stage=warmup output_dir={output_dir}` first, or set model.name_or_path")
+        model_cfg = dataclasses.replace(model_cfg, name_or_path=str(export))
+    return model_cfg
+
+
+def build_examples(align_cfg: AlignConfig, stage: str, data, train, item_codes, tokenizer, seed: int):
+    from onerec_dist.training.tasks import build_alignment_mixture, warmup_examples
+
+    if stage == "warmup":
+        return warmup_examples(data, train, item_codes, tokenizer, num_examples=align_cfg.warmup.num_examples,
+                               max_length=align_cfg.max_length, seed=seed,
+                               max_persona_items=align_cfg.max_persona_items)
+    mt = align_cfg.multitask
+    return build_alignment_mixture(
+        data, train, item_codes, tokenizer, ratios=mt.ratios or None, num_examples=mt.num_examples,
+        max_length=align_cfg.max_length, seed=seed, general_text_path=mt.general_text_path,
+        max_history=align_cfg.max_history, max_persona_items=align_cfg.max_persona_items,
+        max_description_tokens=mt.max_description_tokens)
+
+
+def run(cfg, output_dir: Path, stage: str | None = None) -> dict:
+    from onerec_dist.distributed import run_training
+
+    align_cfg, data_cfg = align_config(cfg), data_config(cfg)
+    stage = stage or align_cfg.stage
+    settings = getattr(align_cfg, stage)
+    trainer_cfg, ds_cfg = engine_configs(cfg, settings)
+    data = load_dataset(data_cfg)
+    train = make_splits(data, data_cfg).get("train")
+    if train is None or len(train) == 0:
+        raise ValueError(f"dataset {data.name!r} has no training split: alignment needs training interactions")
+    item_codes, sizes = semantic_ids_for_run(cfg, data)
+    model_cfg = starting_model(cfg, stage, output_dir)
+    model, tokenizer, item_tok = build_recommender(model_cfg, data, sizes, item_codes, seed=cfg.seed)
+    stage_dir = output_dir / stage
+    init_dir = stage_dir / "init_model"
+    model.save_pretrained(init_dir)
+    tokenizer.save_pretrained(init_dir)
+    examples, data_stats = build_examples(align_cfg, stage, data, train, item_codes, tokenizer, cfg.seed)
+    print(f"align {stage}: {len(examples)} examples, {data_stats['total_tokens']} tokens; "
+          f"{trainer_cfg.num_workers} worker(s), ZeRO-{ds_cfg.zero_stage}, {trainer_cfg.max_steps} steps")
+    trainable = "item_rows" if stage == "warmup" else align_cfg.multitask.trainable
+    job = AlignJob(str(init_dir), trainable, examples, item_tok.item_token_ids().tolist(),
+                   align_cfg.multitask.lora if trainable == "lora" else None)
+    summary = run_training(job, trainer_cfg, ds_cfg, stage_dir)
+    summary.pop("log", None)
+    summary.update({"align_stage": stage, "trainable": trainable, "data": data_stats,
+                    "init_model": str(init_dir), "num_items": len(data.catalogue)})
+    if stage == "warmup" and align_cfg.verify_warmup:
+        summary["changed_outside_item_rows"] = verify_warmup(model, summary["export_dir"], item_tok)
+    (stage_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"align {stage}: loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f} over "
+          f"{summary['steps']} steps; export: {summary['export_dir']}")
+    return summary
+
+
+def verify_warmup(initial_model, export_dir: str, item_tok) -> dict | str:
+    """{param: changed elements} outside the item-token rows (must be {}), or why the check was skipped."""
+    import torch
+
+    from onerec_dist.models import load_pretrained
+
+    if sum(p.numel() for p in initial_model.parameters()) > 100_000_000:
+        return "skipped (model above 100M parameters)"
+    trained, _ = load_pretrained(export_dir, "sdpa", "auto")
+    rows = item_tok.item_token_ids()
+    modules = {id(m): name for name, m in initial_model.named_modules()}
+    names = {modules[id(initial_model.get_input_embeddings())] + ".weight",
+             modules[id(initial_model.get_output_embeddings())] + ".weight"}
+    after = trained.state_dict()
+    # The engine may train in bf16: compare against the initial weights in the dtype that was trained and saved.
+    before = {k: v.to(after[k].dtype) for k, v in initial_model.state_dict().items()}
+    with torch.no_grad():
+        changed = changed_outside_rows(before, after, rows, names)
+    if changed:
+        raise RuntimeError(f"token warm-up changed parameters outside the item-token rows: {changed}")
+    return changed
+
+
+def run_warmup(cfg, output_dir: Path) -> dict:
+    return run(cfg, output_dir, "warmup")
+
+
+def run_multitask(cfg, output_dir: Path) -> dict:
+    return run(cfg, output_dir, "multitask")
