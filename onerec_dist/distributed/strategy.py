@@ -228,6 +228,11 @@ class DeepSpeedStrategy:
         consolidated state dict, the same call Accelerate uses); the result loads with plain transformers.
         """
         module = getattr(model, "module", model)  # the engine returned by prepare(), or the bare model
+        if hasattr(module, "merge_and_unload"):  # peft (LoRA): export the merged model, loadable without peft
+            if self.ds.zero_stage == 3:
+                raise ValueError("exporting a LoRA model trained with deepspeed.zero_stage=3 is not supported: "
+                                 "use zero_stage 0-2 for LoRA (its adapters are small), or full fine-tuning")
+            module = module.merge_and_unload()
         state_dict = self.engine._zero3_consolidated_16bit_state_dict() if self.ds.zero_stage == 3 else None
         if self.is_rank0:
             out_dir = Path(out_dir)

@@ -81,6 +81,13 @@ def starting_model(cfg, stage: str, output_dir: Path):
             raise ValueError(f"align stage=multitask starts from stage 1's output, but {export} has no model: run "
                              f"`onerec align stage=warmup output_dir={output_dir}` first, or set model.name_or_path")
         model_cfg = dataclasses.replace(model_cfg, name_or_path=str(export))
+    if stage == "multitask":
+        from transformers import AutoTokenizer
+
+        tokens = AutoTokenizer.from_pretrained(model_cfg.name_or_path).get_added_vocab()
+        if not any(t.startswith("<item_") for t in tokens):
+            raise ValueError(f"align stage=multitask starts from a model that has the item tokens (stage 1's export), "
+                             f"but {model_cfg.name_or_path} has none: run `onerec align stage=warmup` first")
     return model_cfg
 
 
@@ -106,6 +113,9 @@ def run(cfg, output_dir: Path, stage: str | None = None) -> dict:
     stage = stage or align_cfg.stage
     settings = getattr(align_cfg, stage)
     trainer_cfg, ds_cfg = engine_configs(cfg, settings)
+    if stage == "multitask" and align_cfg.multitask.trainable == "lora" and ds_cfg.zero_stage == 3:
+        raise ValueError("align.multitask.trainable=lora contradicts deepspeed.zero_stage=3 (a ZeRO-3-partitioned "
+                         "LoRA model cannot be merged for export); use deepspeed.zero_stage=0, 1 or 2 with LoRA")
     data = load_dataset(data_cfg)
     train = make_splits(data, data_cfg).get("train")
     if train is None or len(train) == 0:
