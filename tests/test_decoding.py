@@ -122,3 +122,138 @@ def test_bad_input_messages():
     small.resize_token_embeddings(64)
     with pytest.raises(ValueError, match="lacks the item tokens"):
         ConstrainedDecoder(small, item_tok, index, 2, 2)
+
+
+# ------------------------------------------------------------------------------------------ speed switches
+# Every switch changes how the search is computed, never what it returns: same items in the same order, same scores
+# up to float rounding (the tree attends over the shared prompt cache, the others over per-beam copies).
+
+SWITCHES = [dict(prefill="once"), dict(prefill="per_beam"), dict(code_logits="full"), dict(step_impl="naive"),
+            dict(step_impl="reference", code_logits="full", prefill="once")]
+
+
+@pytest.mark.parametrize("normalization", ["full", "valid"])
+@pytest.mark.parametrize("switch", SWITCHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_switches_return_the_default_result(switch, normalization):
+    model, tok, item_tok, index, codes, prompts = make_world()
+    args = (model, item_tok, index, 6, 4, normalization)
+    default = ConstrainedDecoder(*args, item_codes=codes)
+    assert default.prefill == "tree"  # sdpa takes the 4-D tree mask
+    other = ConstrainedDecoder(*args, item_codes=codes, **switch)
+    exclude = [[0, 1], [], [5]]
+    for kwargs in (dict(), dict(start_codes=codes[:3, :1]), dict(exclude=exclude)):
+        expected, got = default.decode(prompts, **kwargs), other.decode(prompts, **kwargs)
+        assert torch.equal(got.items, expected.items)
+        assert torch.equal(got.codes, expected.codes)
+        torch.testing.assert_close(got.level_logprobs, expected.level_logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_tree_with_eager_attention_matches_hf_generate():
+    # eager attention adds the float mask to the scores; sdpa (the other tests) takes it as attn_mask.
+    model, tok, item_tok, index, codes, prompts = make_world()
+    model.set_attn_implementation("eager")
+    decoder = ConstrainedDecoder(model, item_tok, index, 5, 5, pad_token_id=tok.pad_token_id)
+    assert decoder.prefill == "tree"
+    ours = decoder.decode(prompts)
+    hf_items, hf_scores = hf_beam_search(model, item_tok, codes, prompts, 5, 5, tok.pad_token_id)
+    assert torch.equal(ours.items, hf_items)
+    torch.testing.assert_close(ours.scores, hf_scores, atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_vocabulary_lse_equals_one_matmul():
+    # lse over V computed as lse of per-chunk lse's: log sum_c sum_{v in c} e^x_v = log sum_c e^{lse_c}.
+    model, tok, item_tok, index, codes, prompts = make_world()
+    whole = ConstrainedDecoder(model, item_tok, index, 5, 5)
+    chunked = ConstrainedDecoder(model, item_tok, index, 5, 5)
+    chunked.lse_chunk = 37  # V = 320 rows -> 9 chunks, the last one short (24 rows)
+    assert model.get_output_embeddings().weight.shape[0] > chunked.lse_chunk
+    expected, got = whole.decode(prompts), chunked.decode(prompts)
+    assert torch.equal(got.items, expected.items)
+    torch.testing.assert_close(got.scores, expected.scores, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_naive_step_equals_reference(seed):
+    # Integer logits force ties (lower code wins), a -inf logit on an allowed code scores -inf, an all-masked row
+    # gives -inf / -1 slots, a dead beam (-inf) scores -inf everywhere.
+    from onerec_dist.decoding.beam_search import naive_constrained_step
+    from onerec_kernels.constrained_step import constrained_step_reference
+
+    gen = torch.Generator().manual_seed(seed)
+    rows, codes, k = 7, 11, 5
+    logits = torch.randint(-3, 3, (rows, codes), generator=gen).float()
+    logits[0, 2] = float("-inf")
+    allowed = torch.rand(rows, codes, generator=gen) < 0.5
+    allowed[0, 2], allowed[1] = True, False
+    beam_scores = -torch.rand(rows, generator=gen)
+    beam_scores[2] = float("-inf")
+    for norm_lse in (None, torch.logsumexp(logits.masked_fill(torch.isinf(logits), 0.0), -1) + 1.0):
+        ref = constrained_step_reference(logits, allowed, beam_scores, k, norm_lse)
+        got = naive_constrained_step(logits, allowed, beam_scores, k, norm_lse)
+        assert torch.equal(got.topk_codes, ref.topk_codes)
+        torch.testing.assert_close(got.topk_scores, ref.topk_scores)
+        torch.testing.assert_close(got.row_lse, ref.row_lse)
+
+
+SYNC_OPS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy", "cpu", "unique",
+            "masked_select"}
+
+
+def test_no_host_sync_in_the_level_loop(monkeypatch):
+    # Record every tensor op that needs a value on the host (a device sync on CUDA) while _search runs, outside the
+    # model's own forward (Hugging Face code, not ours). The default path must record none.
+    from torch.overrides import TorchFunctionMode
+
+    model, tok, item_tok, index, codes, prompts = make_world()
+    decoder = ConstrainedDecoder(model, item_tok, index, 6, 6, item_codes=codes)
+    state = {"loop": False, "model": False, "syncs": []}
+
+    class SyncRecorder(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", str(func))
+            boolean_index = name in ("__getitem__", "__setitem__") and any(
+                isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in args[1:2])
+            if state["loop"] and not state["model"] and (name in SYNC_OPS or boolean_index):
+                state["syncs"].append(name)
+            return func(*args, **(kwargs or {}))
+
+    body = model.get_decoder()
+
+    def body_call(*args, **kwargs):
+        state["model"] = True
+        try:
+            return body(*args, **kwargs)
+        finally:
+            state["model"] = False
+
+    search = decoder._search
+
+    def recorded_search(*args):
+        state["loop"] = True
+        try:
+            return search(*args)
+        finally:
+            state["loop"] = False
+
+    monkeypatch.setattr(model, "get_decoder", lambda: body_call)
+    monkeypatch.setattr(decoder, "_search", recorded_search)
+    with SyncRecorder():
+        decoder.decode(prompts)
+        decoder.decode(prompts, exclude=[[0], [1, 2], []])
+    assert state["syncs"] == []
+    # The recorder does see syncs: the naive step does one per row.
+    decoder.step_impl = "naive"
+    with SyncRecorder():
+        decoder.decode(prompts)
+    assert "nonzero" in state["syncs"]
+
+
+def test_bad_switch_values():
+    model, tok, item_tok, index, codes, prompts = make_world()
+    for name in ("prefill", "code_logits", "step_impl", "normalization"):
+        with pytest.raises(ValueError, match=f"{name}='bogus'; allowed values"):
+            ConstrainedDecoder(model, item_tok, index, 2, 2, **{name: "bogus"})
+    model.config._attn_implementation_internal = "flash_attention_2"  # flash-attn takes no 4-D mask
+    assert ConstrainedDecoder(model, item_tok, index, 2, 2).prefill == "once"
+    with pytest.raises(ValueError, match="prefill='tree' needs an attention implementation"):
+        ConstrainedDecoder(model, item_tok, index, 2, 2, prefill="tree")

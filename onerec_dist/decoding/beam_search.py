@@ -6,12 +6,21 @@ decode exactly the remaining ID levels with beam width W and return per prefix t
 their ID tokens, and total and per-level log-probs. Every returned item is a catalogue item by construction: at each
 level only codes the prefix index allows can be chosen, so validity is 100 %.
 
-Why it is fast (each choice is measured by benchmarks/bench_constrained_decoding.py):
-  * each prefix is prefilled once; its KV cache is expanded to the W beams afterwards (no re-encoding per beam);
-  * logits are computed only over the current level's code slice of the output layer (``ItemTokenizer.code_slice``)
-    when scores are normalised over valid codes; full-vocabulary normalisation needs the full row's log-sum-exp;
-  * one fused step per level (prefix-index mask + log-softmax + per-row top-k: ``onerec_kernels.constrained_step``,
-    Triton on CUDA) and a small top-k across beams; no Python loop over rows, no host sync inside the loop.
+Why it is fast (each choice has a switch, and benchmarks/bench_constrained_decoding.py times each one switched off):
+  * ``prefill``: each prefix is prefilled once (B rows, not B*W), and its KV cache is kept ONCE: the W beams'
+    ID tokens are fed as the branches of a token tree over the shared prompt (a 4-D attention mask lets each beam
+    see the prompt and its own ancestors only; tree attention as in SpecInfer, Miao et al. 2024, Sec. 4). Nothing
+    is copied or reordered per level. ``"once"`` instead expands the cache to B*W rows after the prefill and
+    reorders it every level (Hugging Face's beam cache); ``"per_beam"`` re-encodes the prompt for every beam, as
+    ``generate(num_beams=W)`` does;
+  * ``code_logits="slice"``: the step reads only the current level's K_l code columns of the output layer
+    (``ItemTokenizer.code_slice``). With normalization="valid" only those K_l rows of the output layer are
+    multiplied. With "full" the full row's log-sum-exp needs every logit, so the one [R, V] matmul per level stays,
+    but the step (mask, top-k) touches K_l columns, not V; ``"full"`` runs the step over whole vocabulary rows;
+  * ``step_impl``: one fused step per level (prefix-index mask + log-softmax + per-row top-k:
+    ``onerec_kernels.constrained_step``, Triton on CUDA, the vectorised reference elsewhere) and a small top-k
+    across beams; ``"naive"`` is the textbook per-row Python loop. No host sync inside the level loop (checked by
+    tests/test_decoding.py).
 
 Score normalisation (``normalization``):
   * ``"full"`` — step log-prob = log_softmax over the FULL vocabulary, masked to valid codes. The semantics of the
@@ -38,9 +47,14 @@ import torch.nn.functional as F
 
 from onerec_dist.sid.prefix_index import PrefixIndex
 from onerec_dist.sid.tokens import ItemTokenizer
-from onerec_kernels.constrained_step import constrained_step, select_beams
+from onerec_kernels.constrained_step import ConstrainedStepOutput, constrained_step, select_beams
 
 NORMALIZATIONS = ("full", "valid")
+PREFILLS = ("auto", "tree", "once", "per_beam")
+CODE_LOGITS = ("slice", "full")
+STEP_IMPLS = ("auto", "triton", "reference", "naive")
+TREE_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4-D mask (flash-attn does not)
+LSE_CHUNK = 32768  # vocabulary rows per output-layer matmul when only the full-vocabulary lse is needed
 
 
 @dataclass
@@ -53,14 +67,26 @@ class DecodeResult:
 
 
 class ConstrainedDecoder:
-    """Beam search restricted to catalogue items. ``model`` is any HF causal LM whose vocabulary holds the item
-    tokens of ``item_tokenizer``; ``index`` is the prefix index over the catalogue's semantic IDs."""
+    """Beam search restricted to catalogue items. ``model`` is any HF causal LM with a plain linear output layer
+    whose vocabulary holds the item tokens of ``item_tokenizer``; ``index`` is the prefix index over the
+    catalogue's semantic IDs.
+
+    Speed switches (defaults are the fast path; the others exist to measure what each choice buys):
+      ``prefill``: "auto" (default: "tree" when the model's attention takes a 4-D mask, i.e. sdpa or eager,
+        "once" otherwise) | "tree" | "once" | "per_beam" — see the module docstring;
+      ``code_logits``: "slice" (default) | "full";
+      ``step_impl``: "auto" (default: Triton on CUDA, reference elsewhere; env ONEREC_CONSTRAINED_STEP_IMPL) |
+        "triton" | "reference" | "naive" (per-row Python loop, :func:`naive_constrained_step`).
+    Every setting returns the same items in the same order (up to float rounding in near-ties).
+    """
 
     def __init__(self, model, item_tokenizer: ItemTokenizer, index: PrefixIndex, beam_width: int, top_k: int,
                  normalization: str = "full", step_impl: str = "auto", pad_token_id: int = 0,
-                 item_codes: torch.Tensor | None = None):
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization={normalization!r}; allowed values: {', '.join(NORMALIZATIONS)}")
+                 item_codes: torch.Tensor | None = None, prefill: str = "auto", code_logits: str = "slice"):
+        for name, value, allowed in (("normalization", normalization, NORMALIZATIONS), ("prefill", prefill, PREFILLS),
+                                     ("code_logits", code_logits, CODE_LOGITS), ("step_impl", step_impl, STEP_IMPLS)):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r}; allowed values: {', '.join(allowed)}")
         if not 1 <= beam_width <= index.num_items:
             raise ValueError(f"beam_width={beam_width} must be in [1, number of catalogue items={index.num_items}]")
         if not 1 <= top_k <= beam_width:
@@ -73,32 +99,63 @@ class ConstrainedDecoder:
         if highest >= vocab:
             raise ValueError(f"the model's vocabulary ({vocab} rows) lacks the item tokens (ids up to {highest}); "
                              "extend it with onerec_dist.sid.vocab.extend_vocabulary")
+        attention = getattr(model.config, "_attn_implementation", None)
+        if prefill == "auto":
+            prefill = "tree" if attention in TREE_ATTENTION else "once"
+        elif prefill == "tree" and attention not in TREE_ATTENTION:
+            raise ValueError(f"prefill='tree' needs an attention implementation that takes a 4-D mask "
+                             f"({', '.join(TREE_ATTENTION)}); the model uses {attention!r}: use prefill='once'")
         device = model.get_output_embeddings().weight.device
         self.model, self.item_tokenizer, self.index = model, item_tokenizer, index.to(device)
         # [N, L] codes of every catalogue row; needed only for ``exclude``.
         self.item_codes = None if item_codes is None else torch.as_tensor(item_codes, dtype=torch.long).to(device)
         self.beam_width, self.top_k, self.normalization = beam_width, top_k, normalization
         self.step_impl, self.pad_token_id = step_impl, pad_token_id
+        self.prefill, self.code_logits = prefill, code_logits  # prefill resolved: "tree" | "once" | "per_beam"
+        self.code_slices = [item_tokenizer.code_slice(level) for level in range(item_tokenizer.num_levels)]
+        self.lse_chunk = LSE_CHUNK
         self._item_nodes = None  # [N, L+1] node of every item at every level, built on first exclusion
 
     # ------------------------------------------------------------------------------------------ model calls
 
-    def _body(self):
-        return self.model.get_decoder()
-
-    def _forward(self, input_ids, attention_mask, position_ids, cache):
-        out = self._body()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           past_key_values=cache, use_cache=True)
-        return out.last_hidden_state[:, -1], out.past_key_values  # [R, H], cache
-
     def _level_logits(self, hidden: torch.Tensor, level: int):
-        """Code logits [R, K_l] of ``level`` and, for full normalisation, the full-vocabulary lse [R]."""
-        weight = self.model.get_output_embeddings().weight  # [V, H]
-        start, stop = self.item_tokenizer.code_slice(level)
-        if self.normalization == "full":
-            full = F.linear(hidden, weight).float()  # [R, V]
-            return full[:, start:stop], torch.logsumexp(full, dim=-1)
-        return F.linear(hidden, weight[start:stop]).float(), None  # [R, K_l]
+        """Logits the step ranks, the full-vocabulary lse [R] (normalization="full", else None), and the column of
+        code 0 in those logits: [R, K_l] and 0 with code_logits="slice", [R, V] and the level's offset with "full"."""
+        head = self.model.get_output_embeddings()
+        weight, bias = head.weight, getattr(head, "bias", None)  # [V, H], [V] or None
+        start, stop = self.code_slices[level]
+        if self.code_logits == "full":  # the step ranks whole vocabulary rows
+            full = F.linear(hidden, weight, bias).float()  # [R, V]
+            return full, torch.logsumexp(full, dim=-1) if self.normalization == "full" else None, start
+        code_bias = None if bias is None else bias[start:stop]
+        if self.normalization == "valid":  # K_l rows of the output layer only
+            return F.linear(hidden, weight[start:stop], code_bias).float(), None, 0
+        if weight.shape[0] <= self.lse_chunk:  # one [R, V] matmul; the step reads a strided K_l-column view of it
+            full = F.linear(hidden, weight, bias).float()  # [R, V]
+            return full[:, start:stop], torch.logsumexp(full, dim=-1), 0
+        # Large vocabularies (151k for Qwen3): the lse still needs every logit, but chunks of the vocabulary bound
+        # the temporary to [R, lse_chunk] instead of [R, V] (1 GB in fp32 at R = 1600 rows).
+        step = self.lse_chunk
+        chunk_lse = [torch.logsumexp(F.linear(hidden, weight[c:c + step], None if bias is None else bias[c:c + step])
+                                     .float(), dim=-1) for c in range(0, weight.shape[0], step)]  # n_chunks x [R]
+        norm_lse = torch.logsumexp(torch.stack(chunk_lse, -1), dim=-1)  # [R]
+        return F.linear(hidden, weight[start:stop], code_bias).float(), norm_lse, 0
+
+    def _step(self, logits, allowed, beam_scores, k, norm_lse, offset) -> ConstrainedStepOutput:
+        """Top-k codes per row; with full-vocabulary rows (offset > 0 or code_logits="full") the level's mask is
+        placed at its token ids and the winners are mapped back to codes."""
+        if self.code_logits == "full":
+            wide = allowed.new_zeros(logits.shape)  # [R, V]
+            wide[:, offset:offset + allowed.shape[1]] = allowed
+            allowed = wide
+        if self.step_impl == "naive":
+            step = naive_constrained_step(logits, allowed, beam_scores, k, norm_lse)
+        else:
+            step = constrained_step(logits, allowed, beam_scores, k, norm_lse, impl=self.step_impl)
+        if self.code_logits == "full":
+            codes = torch.where(step.topk_codes >= 0, step.topk_codes - offset, -1)
+            step = ConstrainedStepOutput(step.topk_scores, codes, step.row_lse)
+        return step
 
     # ------------------------------------------------------------------------------------------ decoding
 
@@ -107,30 +164,36 @@ class ConstrainedDecoder:
                exclude: list[list[int]] | None = None) -> DecodeResult:
         """Top-K items per prompt. ``start_codes`` [B, l0] starts from a partial ID (Think-Ahead); ``exclude``
         lists catalogue rows per prompt that must not be returned."""
-        num_prompts, width = len(prompts), self.beam_width
+        num_prompts = len(prompts)
         device = self.model.get_output_embeddings().weight.device
         start_codes = self._check_inputs(prompts, start_codes, exclude, device)
-        first_level = start_codes.shape[1]
-        node = self.index.nodes_of_prefix(start_codes) if first_level else self.index.root(num_prompts)
-        if first_level and bool((node < 0).any()):  # one host sync, before the loop
+        node = self.index.nodes_of_prefix(start_codes) if start_codes.shape[1] else self.index.root(num_prompts)
+        if start_codes.shape[1] and bool((node < 0).any()):  # one host sync, before the loop
             bad = int((node < 0).nonzero()[0, 0])
             raise ValueError(f"start_codes row {bad} = {start_codes[bad].tolist()} is the start of no catalogue item")
         available = self._exclusion(exclude, num_prompts, device) if exclude is not None else None
-
         ids, mask, pos = self._left_pad(prompts, start_codes, device)  # [B, T]
-        hidden, cache = self._forward(ids, mask, pos, None)  # [B, H]
+        state_class = _TreeBeams if self.prefill == "tree" else _CopiedBeams
+        beams = state_class(self.model.get_decoder(), ids, mask, pos, self.beam_width, self.prefill == "per_beam")
+        return self._search(beams, node, start_codes, available)
+
+    def _search(self, beams, node, start_codes, available) -> DecodeResult:
+        """The level loop: device work only, no host sync (no .item(), .tolist(), bool(tensor), nonzero)."""
+        num_prompts, width = start_codes.shape[0], self.beam_width
+        device = node.device
+        hidden = beams.hidden  # [B, H] last prompt position
+        prompt_row = torch.arange(num_prompts, device=device)[:, None]  # [B, 1]
         beam_scores = torch.zeros(num_prompts, device=device)  # [B] one live beam per prompt before level l0
         codes_so_far = start_codes.new_empty(num_prompts, 0)  # [R, l]
         step_logprobs = torch.zeros(num_prompts, 0, device=device)  # [R, l]
-        for level in range(first_level, self.index.num_levels):
-            rows = node.shape[0]  # B on the first decoded level, B*W after
-            logits, norm_lse = self._level_logits(hidden, level)
+        for level in range(start_codes.shape[1], self.index.num_levels):
+            beams_in = node.shape[0] // num_prompts  # 1 on the first decoded level, W after
+            logits, norm_lse, offset = self._level_logits(hidden, level)
             allowed = self.index.allowed_codes(level, node)  # [R, K_l]
             if available is not None:
-                allowed &= available(level, node, rows // num_prompts)
-            k = min(width, logits.shape[1])
-            step = constrained_step(logits, allowed, beam_scores, k, norm_lse, impl=self.step_impl)
-            beams_in = rows // num_prompts
+                allowed &= available(level, node, beams_in)
+            k = min(width, allowed.shape[1])
+            step = self._step(logits, allowed, beam_scores, k, norm_lse, offset)
             cand_scores = step.topk_scores.view(num_prompts, beams_in, k)  # [B, beams_in, k]
             cand_codes = step.topk_codes.view(num_prompts, beams_in, k)
             short = -(-width // beams_in) - k  # fewer candidates than beams (narrow first level): pad dead ones
@@ -138,7 +201,7 @@ class ConstrainedDecoder:
                 cand_scores = F.pad(cand_scores, (0, short), value=float("-inf"))
                 cand_codes = F.pad(cand_codes, (0, short), value=-1)
             scores, parent, codes = select_beams(cand_scores, cand_codes, width)  # [B, W] each
-            src = (parent + torch.arange(num_prompts, device=device)[:, None] * beams_in).view(-1)  # [B*W]
+            src = (parent + prompt_row * beams_in).view(-1)  # [B*W] row each new beam continues
             node = self.index.advance(level, node[src], codes.view(-1))  # [B*W]
             new_scores = scores.view(-1)  # [B*W]
             gained = torch.where(torch.isinf(new_scores), new_scores, new_scores - beam_scores[src])  # [B*W]
@@ -146,11 +209,7 @@ class ConstrainedDecoder:
             codes_so_far = torch.cat([codes_so_far[src], codes.view(-1, 1)], 1)  # [B*W, l+1]
             beam_scores = new_scores
             if level + 1 < self.index.num_levels:
-                cache = self._select_cache(cache, src, beams_in)
-                token = self._code_tokens(level, codes.view(-1, 1))  # [B*W, 1]
-                mask = torch.cat([mask[src], torch.ones_like(token)], 1)
-                pos = pos[src, -1:] + 1
-                hidden, cache = self._forward(token, mask, pos, cache)
+                hidden = beams.feed(src, parent, self._code_tokens(level, codes.view(-1)))  # [B*W, H]
         return self._finish(node, beam_scores, codes_so_far, step_logprobs, start_codes, num_prompts)
 
     def _finish(self, node, beam_scores, codes_so_far, step_logprobs, start_codes, num_prompts) -> DecodeResult:
@@ -169,14 +228,8 @@ class ConstrainedDecoder:
     # ------------------------------------------------------------------------------------------ helpers
 
     def _code_tokens(self, level: int, codes: torch.Tensor) -> torch.Tensor:
-        start, _ = self.item_tokenizer.code_slice(level)
+        start, _ = self.code_slices[level]
         return codes.clamp(min=0) + start  # a dead beam's -1 feeds a harmless valid token; its score stays -inf
-
-    @staticmethod
-    def _select_cache(cache, src: torch.Tensor, beams_in: int):
-        """Expand (first decoded level: one row per prompt -> W beams) or reorder the KV cache to rows ``src``."""
-        cache.reorder_cache(src)
-        return cache
 
     def _left_pad(self, prompts, start_codes, device):
         """Prompt + <|item_begin|> + start-code tokens, left-padded. Positions count only real tokens, as in
@@ -249,3 +302,91 @@ class ConstrainedDecoder:
         if self.item_codes is None:
             raise ValueError("exclude needs the catalogue codes: pass item_codes=[N, L] to ConstrainedDecoder")
         return self.item_codes.to(device)
+
+
+# ---------------------------------------------------------------------------------------------- beam KV layouts
+
+
+class _TreeBeams:
+    """prefill="tree": one KV-cache row per prompt, the beams' ID tokens fed as branches of a token tree over it.
+
+    Cache columns: the T prompt positions, then W columns per fed level (beam w's token of fed level s sits in column
+    T + s*W + w). Each beam's query sees the prompt's real tokens, its ancestors' columns and its own column; ``tree``
+    [B, W, s*W] marks the ancestors and follows the parent beams each level, so nothing in the cache is copied or
+    reordered: a level costs one cache append of B*W tokens (B rows), not a copy of B*W prompt caches.
+    """
+
+    def __init__(self, body, ids, mask, pos, width, per_beam=False):
+        out = body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        self.body, self.cache = body, out.past_key_values
+        self.hidden = out.last_hidden_state[:, -1]  # [B, H]
+        self.dtype = self.hidden.dtype  # the additive mask must match the attention's dtype
+        blocked = torch.finfo(self.dtype).min
+        prompt_bias = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(mask == 0, blocked)
+        self.prompt_bias = prompt_bias[:, None, None, :]  # [B, 1, 1, T]: 0 on real tokens, min on padding
+        self.next_pos = pos[:, -1:] + 1  # [B, 1] position of the next fed token (positions count real tokens)
+        self.tree = torch.zeros(ids.shape[0], 1, 0, dtype=torch.bool, device=ids.device)  # [B, beams, s*W]
+        self.own = torch.eye(width, dtype=torch.bool, device=ids.device)  # [W, W] each beam sees its own token
+        self.blocked_tree = torch.full((), blocked, dtype=self.dtype, device=ids.device)
+
+    def feed(self, src: torch.Tensor, parent: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Append the W beams' tokens [B*W] (parents ``parent`` [B, W]); returns their hidden states [B*W, H]."""
+        batch, width = parent.shape
+        ancestors = self.tree.gather(1, parent[:, :, None].expand(-1, -1, self.tree.shape[2]))  # [B, W, s*W]
+        self.tree = torch.cat([ancestors, self.own.expand(batch, -1, -1)], 2)  # [B, W, (s+1)*W]
+        tree_bias = torch.where(self.tree, 0.0, self.blocked_tree).to(self.dtype)[:, None]  # [B, 1, W, (s+1)*W]
+        bias = torch.cat([self.prompt_bias.expand(-1, -1, width, -1), tree_bias], 3)  # [B, 1, W, T + (s+1)*W]
+        out = self.body(input_ids=tokens.view(batch, width), attention_mask=bias,
+                        position_ids=self.next_pos.expand(-1, width), past_key_values=self.cache, use_cache=True)
+        self.next_pos = self.next_pos + 1
+        self.cache = out.past_key_values
+        return out.last_hidden_state.reshape(batch * width, -1)
+
+
+class _CopiedBeams:
+    """prefill="once" (prefill B rows, expand the cache to B*W rows at the first level) or "per_beam" (prefill B*W
+    rows, HF generate's way). One cache row per beam, reordered to the surviving beams every level."""
+
+    def __init__(self, body, ids, mask, pos, width, per_beam=False):
+        if per_beam:  # every beam re-encodes its prompt
+            ids, mask, pos = (t.repeat_interleave(width, 0) for t in (ids, mask, pos))  # [B*W, T]
+        out = body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        hidden = out.last_hidden_state[:, -1]  # [B or B*W, H]
+        self.hidden = hidden[::width] if per_beam else hidden  # [B, H]: the W copies are identical
+        self.body, self.cache, self.mask, self.pos = body, out.past_key_values, mask, pos
+        self.row_scale = width if per_beam else 1  # prompt b sits in cache row b * row_scale before the first feed
+
+    def feed(self, src: torch.Tensor, parent: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        rows = src * self.row_scale  # [B*W]
+        self.row_scale = 1
+        self.cache.reorder_cache(rows)  # expand (first level) or reorder: copies every beam's whole cache
+        self.mask = torch.cat([self.mask[rows], self.mask.new_ones(rows.shape[0], 1)], 1)  # [B*W, t+1]
+        self.pos = self.pos[rows, -1:] + 1  # [B*W, 1]
+        out = self.body(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.pos,
+                        past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        return out.last_hidden_state[:, -1]  # [B*W, H]
+
+
+def naive_constrained_step(logits: torch.Tensor, allowed: torch.Tensor, beam_scores: torch.Tensor, k: int,
+                           norm_lse: torch.Tensor | None = None) -> ConstrainedStepOutput:
+    """The unfused textbook step, kept as an ablation baseline (step_impl="naive"): per row, gather its allowed
+    codes, log-softmax them and stable-sort. Same contract as ``onerec_kernels.constrained_step`` (ties go to the
+    lower code; empty slots score -inf with code -1), at one host sync per row."""
+    rows = logits.shape[0]
+    scores = torch.full((rows, k), float("-inf"), device=logits.device)
+    codes = torch.full((rows, k), -1, dtype=torch.long, device=logits.device)
+    row_lse = torch.full((rows,), float("-inf"), device=logits.device)
+    for row in range(rows):
+        valid = allowed[row].nonzero().squeeze(-1)  # [n] allowed codes, ascending
+        if valid.numel() == 0:
+            continue
+        values = logits[row, valid].float()  # [n]
+        row_lse[row] = torch.logsumexp(values, 0)
+        norm = row_lse[row] if norm_lse is None else norm_lse[row]
+        order = torch.sort(values, descending=True, stable=True).indices[:k]  # stable: equal logits keep index order
+        best = values[order]
+        step = torch.where(best == float("-inf"), best, best - norm)  # an allowed -inf logit has log-prob -inf
+        scores[row, : order.numel()] = beam_scores[row] + step
+        codes[row, : order.numel()] = valid[order]
+    return ConstrainedStepOutput(scores, codes, row_lse)

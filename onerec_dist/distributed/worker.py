@@ -8,6 +8,8 @@ One optimizer step of rank r:
      averages gradients over ranks, so the world_size factor makes the gradient that of sum(loss_t) / N);
      strategy.step() (the optimizer steps at the accumulation boundary);
   4. all-reduce the detached loss sums / per-task sums / token counts for logging.
+Every step's wall time is split into phases (``PhaseTimer``: data, forward, backward, optimizer) for the summary's
+``step_timings`` (benchmarks/bench_training.py reads them).
 """
 
 from __future__ import annotations
@@ -44,6 +46,47 @@ def make_sampler(trainer: TrainerConfig, lengths, world_size: int, rank: int) ->
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class PhaseTimer:
+    """Seconds per phase of one optimizer step, summed over its micro-batches: ``start()``, ``mark(phase)`` after
+    each phase, ``read()`` once the step is over.
+
+    CPU: perf_counter at each mark. CUDA: an event recorded on the current stream at each mark, read after the step
+    (one synchronisation per step, none inside it), so a phase is the GPU time between its boundaries; the step's
+    host-side copy of the logging stats already synchronises, so the extra cost is one event wait.
+    """
+
+    PHASES = ("data", "forward", "backward", "optimizer")
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self._marks: list[tuple[str | None, Any]] = []
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self) -> None:
+        self._marks = [(None, self._now())]
+
+    def mark(self, phase: str) -> None:
+        if phase not in self.PHASES:
+            raise ValueError(f"PhaseTimer.mark: phase={phase!r}; allowed: {self.PHASES}")
+        self._marks.append((phase, self._now()))
+
+    def read(self) -> dict[str, float]:
+        """{phase: seconds} of the marks since start(), plus "total" (their sum)."""
+        out = dict.fromkeys(self.PHASES, 0.0)
+        if self.cuda and len(self._marks) > 1:
+            self._marks[-1][1].synchronize()
+        for (_, begin), (phase, end) in zip(self._marks, self._marks[1:]):
+            out[phase] += begin.elapsed_time(end) / 1e3 if self.cuda else end - begin
+        out["total"] = sum(out[p] for p in self.PHASES)
+        return out
 
 
 class RankZeroLogger:
@@ -171,10 +214,13 @@ class _Loop:
         self.publish, self.last_checkpoint = publish, None
         device_name = torch.cuda.get_device_name(strategy.device) if trainer.use_gpu else None
         self.peak_flops = peak_flops_per_worker(trainer, device_name)
+        self.timer = PhaseTimer(cuda=trainer.use_gpu)
+        self.step_timings: list[dict[str, float]] = []  # this session's steps (not restored on resume)
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step; returns the all-reduced [loss_sum, loss_units, tokens, task_sums.., task_counts..]."""
-        t, strategy = self.trainer, self.strategy
+        t, strategy, timer = self.trainer, self.strategy, self.timer
+        timer.start()
         micro_batches = [self.job.collate([self.examples[i] for i in ids], self.tasks, self.pad_id,
                                           t.pad_to_multiple_of) for ids in self.sampler.next_step()]
         local_units = sum(self.job.loss_units(b) for b in micro_batches)
@@ -183,14 +229,20 @@ class _Loop:
         stats = torch.zeros(3 + 2 * len(self.tasks), dtype=torch.float64)
         for batch in micro_batches:
             batch = _to_device(batch, strategy.device)
+            timer.mark("data")
             out = self.job.loss(self.engine, batch)
+            timer.mark("forward")
             strategy.backward(out.loss_sum * scale)
+            timer.mark("backward")
             strategy.step()
+            timer.mark("optimizer")
             stats += torch.cat([out.loss_sum.detach().double().reshape(1).cpu(), torch.zeros(1, dtype=torch.float64),
                                 batch["attention_mask"].sum().double().reshape(1).cpu(),
                                 out.task_sums.detach().double().cpu(), out.task_counts.detach().double().cpu()])
         stats = strategy.all_reduce(stats)
         stats[1] = global_units
+        timer.mark("data")
+        self.step_timings.append({"tokens": float(stats[2]), **timer.read()})
         return stats
 
     def train(self, state: dict[str, Any], logger: RankZeroLogger) -> dict[str, Any]:
@@ -220,7 +272,8 @@ class _Loop:
         seconds = time.perf_counter() - started
         per_worker = tokens / strategy.world_size / seconds if seconds > 0 else 0.0
         return {"resumed_from_step": start_step, "tokens": int(tokens), "seconds": round(seconds, 3),
-                "tokens_per_s_per_worker": per_worker, "mfu": 6 * self.num_params * per_worker / self.peak_flops}
+                "tokens_per_s_per_worker": per_worker, "mfu": 6 * self.num_params * per_worker / self.peak_flops,
+                "peak_flops_per_worker": self.peak_flops, "step_timings": self.step_timings}
 
     def _log_row(self, step: int, loss: float, interval: torch.Tensor, seconds: float) -> dict[str, Any]:
         n = len(self.tasks)
