@@ -96,7 +96,10 @@ def test_lora_multitask_exports_merged_model(aligned, tmp_path):
     out, warmup, _ = aligned
     assert main(["align", "stage=multitask", f"output_dir={tmp_path}", f"model.name_or_path={warmup['export_dir']}",
                  "align.multitask.trainable=lora", "align.multitask.lora.r=4", "trainer.num_workers=1",
-                 "deepspeed.zero_stage=2", "trainer.lr=3e-3", *TINY]) == 0
+                 "deepspeed.zero_stage=2", *TINY, "trainer.lr=1e-2", "trainer.micro_batch_size=16",
+                 # One task only, so per-step losses are comparable and the fall is not batch noise.
+                 "align.multitask.ratios.persona_grounding=0", "align.multitask.ratios.itemic_captioning=0",
+                 "align.multitask.ratios.general_text=0"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["trainable"] == "lora" and summary["loss_last"] < summary["loss_first"]
     merged, start = state(summary["export_dir"]), state(warmup["export_dir"])
