@@ -84,7 +84,7 @@ def semantic_ids_for_run(cfg, data: InteractionData) -> tuple[np.ndarray, list[i
 
     sid_cfg = sid_config(cfg)
     if sid_cfg.source == "file":
-        codes, sizes, _ = build_from_file(data, data_config(cfg).dir, sid_cfg, _Timer())
+        codes, sizes, _ = build_from_file(data, data_config(cfg), sid_cfg, _Timer())
     else:
         codes, sizes, _ = build_from_text(data, sid_cfg, _Timer())
     return codes, list(sizes)
