@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from onerec_dist.stages import STAGES
 import yaml
 
 from onerec_launch import cli, record
@@ -107,7 +109,7 @@ def test_launch_config_defaults_match_the_dataclasses():
     (["aws", "--", "onerec", "prepare"], "unknown backend 'aws'; valid backends: ray, slurm, k8s, local"),
     (["local"], "missing job"),
     (["local", "--"], "missing job"),
-    (["local", "--", "onerec", "train"], "unknown stage 'train'; valid stages: prepare, sid, pipeline"),
+    (["local", "--", "onerec", "train"], "unknown stage 'train'; valid stages: " + ", ".join(STAGES)),
     (["local", "--verbose", "--", "onerec", "prepare"], "unknown option '--verbose'"),
     (["local", "nodes", "--", "onerec", "prepare"], "launcher override 'nodes' is not key=value"),
     (["local", "--", "onerec", "prepare", "seed"], "job override 'seed' is not key=value"),
