@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(OmegaConf.to_yaml(cfg, resolve=True), end="")
             return 0
-        summary = run_stage(stage, cfg, Path(cfg.output_dir))
+        # Absolute: Ray workers run in their own working directory.
+        summary = run_stage(stage, cfg, Path(cfg.output_dir).resolve())
     except ValueError as err:  # UsageError, DataError and schema errors all derive from ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2

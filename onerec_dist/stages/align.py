@@ -123,7 +123,7 @@ def run(cfg, output_dir: Path, stage: str | None = None) -> dict:
     item_codes, sizes = semantic_ids_for_run(cfg, data)
     model_cfg = starting_model(cfg, stage, output_dir)
     model, tokenizer, item_tok = build_recommender(model_cfg, data, sizes, item_codes, seed=cfg.seed)
-    stage_dir = output_dir / stage
+    stage_dir = output_dir.resolve() / stage  # absolute: Ray workers run in their own working directory
     init_dir = stage_dir / "init_model"
     model.save_pretrained(init_dir)
     tokenizer.save_pretrained(init_dir)
