@@ -47,11 +47,18 @@ def state(path):
 @pytest.fixture(scope="module")
 def aligned(ray_session, tmp_path_factory):
     out = tmp_path_factory.mktemp("align")
-    common = [f"output_dir={out}", "trainer.num_workers=2", "deepspeed.zero_stage=2", *TINY]
-    assert main(["align", "stage=warmup", *common]) == 0
-    warmup = json.loads((out / "summary.json").read_text())
-    assert main(["align", "stage=multitask", *common, "trainer.lr=3e-3"]) == 0
-    multitask = json.loads((out / "summary.json").read_text())
+    # A relative output_dir, as users type it: Ray workers run in another working directory and must still find
+    # the stage's files.
+    common = [f"output_dir={out.name}", "trainer.num_workers=2", "deepspeed.zero_stage=2", *TINY]
+    cwd = os.getcwd()
+    os.chdir(out.parent)
+    try:
+        assert main(["align", "stage=warmup", *common]) == 0
+        warmup = json.loads((out / "summary.json").read_text())
+        assert main(["align", "stage=multitask", *common, "trainer.lr=3e-3"]) == 0
+        multitask = json.loads((out / "summary.json").read_text())
+    finally:
+        os.chdir(cwd)
     return out, warmup, multitask
 
 
