@@ -16,12 +16,17 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from onerec_kernels.constrained_step import constrained_step_reference
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # _common sits beside this script (also when loaded by path)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment_record  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,6 +152,7 @@ def main(argv=None):
         "peak_gbps": args.peak_gbps,
         "baseline": "naive per-row Python loop (gather allowed codes, logsumexp, stable sort)",
         "results": results,
+        "environment": environment_record(config=vars(args)),
     }
     out = args.out or REPO / "benchmarks" / "results" / f"constrained_step_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -142,8 +142,8 @@ class ConstrainedDecoder:
         return F.linear(hidden, weight[start:stop], code_bias).float(), norm_lse, 0
 
     def _step(self, logits, allowed, beam_scores, k, norm_lse, offset) -> ConstrainedStepOutput:
-        """Top-k codes per row; with full-vocabulary rows (offset > 0 or code_logits="full") the level's mask is
-        placed at its token ids and the winners are mapped back to codes."""
+        """Top-k codes per row. With code_logits="full" the rows are whole vocabulary rows: the level's mask is placed
+        at its token ids (``offset`` = id of code 0) and the winning token ids are mapped back to codes."""
         if self.code_logits == "full":
             wide = allowed.new_zeros(logits.shape)  # [R, V]
             wide[:, offset:offset + allowed.shape[1]] = allowed
@@ -178,7 +178,8 @@ class ConstrainedDecoder:
         return self._search(beams, node, start_codes, available)
 
     def _search(self, beams, node, start_codes, available) -> DecodeResult:
-        """The level loop: device work only, no host sync (no .item(), .tolist(), bool(tensor), nonzero)."""
+        """The level loop: device work only, no host sync (no .item(), .tolist(), bool(tensor), nonzero); checked by
+        tests/test_decoding.py::test_no_host_sync_in_the_level_loop."""
         num_prompts, width = start_codes.shape[0], self.beam_width
         device = node.device
         hidden = beams.hidden  # [B, H] last prompt position

@@ -1,0 +1,284 @@
+"""The benchmark harness without Ray: the communication model of SCALING.md on hand-worked cases, the comms-logger
+bookkeeping, the ratio arithmetic of the training benchmark, the engine's PhaseTimer, the environment record, the
+writers and the run_benchmarks entry point. The training benchmark's Ray runs are exercised by running it
+(`python benchmarks/run_benchmarks.py training --quick`), not here: a worker group costs ~15 s per start."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))
+
+import _common  # noqa: E402
+import bench_training as bt  # noqa: E402
+import run_benchmarks  # noqa: E402
+
+from onerec_dist.distributed.worker import PhaseTimer  # noqa: E402
+
+
+# ---- communication model ----------------------------------------------------------------------------------------------
+def test_collective_payloads_worked_by_hand():
+    # Psi = 1000 parameters in bf16 (2 bytes): 2000 bytes per full copy of the model or of its gradients.
+    assert bt.predicted_collective_bytes(1000, 0, 2) == {"all_reduce": 2000, "reduce_scatter": 0, "all_gather": 0}
+    for stage in (1, 2):  # reduce-scatter gradients, all-gather the updated parameters
+        assert bt.predicted_collective_bytes(1000, stage, 2) == {"all_reduce": 0, "reduce_scatter": 2000,
+                                                                 "all_gather": 2000}
+    # DeepSpeed's default all-reduces the gradient buckets instead
+    assert bt.predicted_collective_bytes(1000, 2, 2, grad_all_reduce=True) == {
+        "all_reduce": 2000, "reduce_scatter": 0, "all_gather": 2000}
+    # ZeRO-3: gather in forward and in backward (2 x 2000), reduce-scatter gradients (2000)
+    assert bt.predicted_collective_bytes(1000, 3, 2) == {"all_reduce": 0, "reduce_scatter": 2000, "all_gather": 4000}
+    # a tied embedding of E = 100 parameters is gathered twice per pass: all_gather = 2 x (1000 + 100) x 2 = 4400
+    assert bt.predicted_collective_bytes(1000, 3, 2, tied_embedding_params=100)["all_gather"] == 4400
+    with pytest.raises(ValueError, match="zero_stage=4"):
+        bt.predicted_collective_bytes(1000, 4, 2)
+
+
+def test_ring_bytes_and_time_worked_by_hand():
+    # W = 4: each rank sends 3/4 of an all-gather / reduce-scatter payload and 2 x 3/4 of an all-reduce payload.
+    zero0 = bt.predicted_collective_bytes(1000, 0, 2)
+    zero2 = bt.predicted_collective_bytes(1000, 2, 2)
+    zero2_ds = bt.predicted_collective_bytes(1000, 2, 2, grad_all_reduce=True)
+    zero3 = bt.predicted_collective_bytes(1000, 3, 2)
+    assert bt.ring_bytes_per_rank(zero0, 4) == pytest.approx(2 * 0.75 * 2000)        # 3000: DDP ...
+    assert bt.ring_bytes_per_rank(zero2, 4) == pytest.approx(0.75 * (2000 + 2000))   # 3000: ... = ZeRO-1/2
+    assert bt.ring_bytes_per_rank(zero2_ds, 4) == pytest.approx(0.75 * (4000 + 2000))  # 4500
+    assert bt.ring_bytes_per_rank(zero3, 4) == pytest.approx(0.75 * 6000)            # 4500 = 1.5 x ZeRO-2
+    assert bt.ring_bytes_per_rank(zero3, 1) == 0.0
+    # 4500 bytes: 4500 / 450e9 s over NVLink inside a node of 8, 4500 / 50e9 s over InfiniBand beyond it
+    assert bt.comm_seconds(4500, 8) == pytest.approx(1e-8)
+    assert bt.comm_seconds(4500, 16) == pytest.approx(9e-8)
+
+
+def test_qwen3_param_counts_match_the_models_and_the_model_cards():
+    from onerec_dist.models import build_tiny_model
+
+    # the formula against transformers' own modules (meta device: no memory): the 0.6B preset cut to 2 of its 28
+    # layers (the count is linear in layers), and the tiny preset
+    with torch.device("meta"):
+        model = build_tiny_model(bt._VocabOnly(151_936), "qwen3-0.6b", num_hidden_layers=2)
+    shape = {**bt.QWEN3_SHAPES["Qwen3-0.6B"], "layers": 2}
+    assert sum(p.numel() for p in model.parameters()) == bt.qwen3_param_count(**shape)
+    tiny = build_tiny_model(bt._VocabOnly(1024), "tiny")
+    assert sum(p.numel() for p in tiny.parameters()) == bt.qwen3_param_count(
+        hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=1024, tied=True)  # 139,648
+    # model cards: 0.6B (0.44B non-embedding), 1.7B (1.4B), 8.2B (6.95B); embedding = vocab x hidden (x2 untied)
+    for name, total, non_embedding in (("Qwen3-0.6B", 0.60e9, 0.44e9), ("Qwen3-1.7B", 1.72e9, 1.41e9),
+                                       ("Qwen3-8B", 8.19e9, 6.95e9)):
+        shape = bt.QWEN3_SHAPES[name]
+        count = bt.qwen3_param_count(**shape)
+        embedding = shape["vocab"] * shape["hidden"] * (1 if shape["tied"] else 2)
+        assert count == pytest.approx(total, rel=0.01) and count - embedding == pytest.approx(non_embedding, rel=0.01)
+
+
+def test_scaling_table_row_worked_by_hand():
+    # Qwen3-8B, 256 GPUs, ZeRO-3, bf16: 3 x 2 x 8,190,735,360 bytes x 255/256 = 48.95 GB per GPU, over IB at 50 GB/s
+    rows = {(r["model"], r["gpus"]): r for r in bt.scaling_table()}
+    row = rows[("Qwen3-8B", 256)]
+    assert row["zero3_gb"] == pytest.approx(6 * 8_190_735_360 * 255 / 256 / 1e9)
+    assert row["zero3_s"] == pytest.approx(row["zero3_gb"] / 50)
+    assert row["zero12_gb"] == pytest.approx(row["zero3_gb"] * 2 / 3)
+    assert rows[("Qwen3-0.6B", 8)]["link"] == "NVLink" and row["link"] == "IB"
+    # compute: 6 x 8.19e9 x 16384 tokens / (989e12 x 0.4) = 2.035 s
+    assert row["compute_s"] == pytest.approx(6 * 8_190_735_360 * 16384 / (989e12 * 0.4))
+    assert bt.scaling_table_markdown(list(rows.values())).count("\n") == len(rows) + 1
+
+
+# ---- comms-logger bookkeeping ------------------------------------------------------------------------------------------
+def test_comm_totals_reads_cumulative_latencies(monkeypatch):
+    # DeepSpeed appends the op timer's running total (ms), so an op's seconds is its largest entry: 4.5 ms here.
+    logger = SimpleNamespace(enabled=True, comms_dict={
+        "all_reduce": {4: [2, [1.0, 3.0], [], []], 8: [1, [4.5], [], []]},
+        "broadcast": {0: [1, [0.5], [], []]}})
+    monkeypatch.setitem(sys.modules, "deepspeed.comm.comm", SimpleNamespace(comms_logger=logger))
+    assert bt.comm_totals() == {"all_reduce": [3.0, 2 * 4 + 8, 4.5e-3], "broadcast": [1.0, 0.0, 0.5e-3]}
+    logger.enabled = False
+    assert bt.comm_totals() == {}
+
+
+def test_comm_deltas_and_measured_payload():
+    snaps = [{"all_reduce": [1, 10, 0.1]},
+             {"all_reduce": [3, 30, 0.4], "all_gather_into_tensor": [2, 500, 0.2]},
+             {"all_reduce": [3, 30, 0.4], "all_gather_into_tensor": [4, 1000, 0.3]}]
+    deltas = bt.comm_deltas(snaps)
+    assert deltas[0] == {"all_reduce": [2, 20, pytest.approx(0.3)], "all_gather_into_tensor": [2, 500, 0.2]}
+    assert deltas[1] == {"all_gather_into_tensor": [2, 500, pytest.approx(0.1)]}  # all_reduce did not run
+    # all-gathers log this rank's shard: x W (=2) for the payload; reduce-scatter / all-reduce log the full tensor
+    interval = {"all_reduce": [3, 1000, 0.1], "all_gather_into_tensor": [2, 500, 0.2],
+                "reduce_scatter_tensor": [1, 1000, 0.1], "broadcast": [1, 8, 0.0]}
+    assert bt.measured_payload(interval, 2) == {"all_reduce": 1000, "reduce_scatter": 1000, "all_gather": 1000,
+                                                "other": 8}
+
+
+# ---- ratios of the training benchmark -----------------------------------------------------------------------------------
+def fake_summary(step_s: float | list[float], tokens: float, steps: int = 3, params: int = 1000):
+    times = step_s if isinstance(step_s, list) else [step_s] * steps
+    timings = [{"tokens": tokens, "data": 0.1 * t, "forward": 0.3 * t, "backward": 0.5 * t, "optimizer": 0.1 * t,
+                "total": t} for t in times]
+    return {"step_timings": timings, "num_params": params, "peak_flops_per_worker": 1e11, "loss_first": 7.0,
+            "loss_last": 6.9, "final_metrics": {"comm_per_step": [], "peak_memory_bytes_per_rank": [2**20, 2**21]}}
+
+
+def test_scaling_efficiency_and_zero_ratios_worked_by_hand():
+    # one warm-up step (9 s, discarded), then 3 measured steps; medians 0.10 s and 0.16 s, fastest 0.10 s and 0.12 s
+    args = bt.parse_args(["--quick", "--warmup-steps", "1", "--steps", "3"])
+    rows = [bt.summarise((1, 0, 4), fake_summary([9.0, 0.100, 0.100, 0.200], 512), args),
+            bt.summarise((2, 0, 4), fake_summary([9.0, 0.160, 0.160, 0.120], 1024), args),
+            bt.summarise((2, 3, 4), fake_summary(0.240, 1024, steps=4), args)]
+    bt.add_ratios(rows)
+    one, two, two_z3 = rows
+    # 1 worker: 512 tokens / 0.1 s = 5120 tok/s; 2 workers: 1024 / 0.16 = 6400 tok/s = 3200 per worker
+    assert one["tokens_per_s"] == pytest.approx(5120) and two["tokens_per_s_per_worker"] == pytest.approx(3200)
+    assert two["scaling_efficiency"] == pytest.approx(6400 / (2 * 5120))  # 0.625
+    assert one["scaling_efficiency"] == pytest.approx(1.0)
+    assert two["comm_est_s"] == pytest.approx(0.06)  # 0.16 - 0.10
+    assert two["scaling_efficiency_best"] == pytest.approx(0.100 * 1024 / (2 * 0.120 * 512))  # 0.833
+    assert two_z3["step_vs_zero0"] == pytest.approx(1.5) and two_z3["scaling_efficiency"] is None  # no W=1 ZeRO-3
+    # MFU = 6 x 1000 params x 3200 tok/s / 1e11 FLOP/s
+    assert two["mfu"] == pytest.approx(6 * 1000 * 3200 / 1e11)
+    assert two["forward_s"] == pytest.approx(0.3 * 0.160) and two["peak_mem_mib"] == pytest.approx(2.0)
+    assert len(two["_timings"]) == 3 and two["step_s_min"] == pytest.approx(0.120)
+
+
+def test_latency_bandwidth_fit_recovers_a_known_model():
+    # alpha = 3 ms per collective, beta = 500 MB/s: (5 + 2 engine) calls + 1e6 bytes -> 21 ms + 2 ms = 23 ms, ...
+    rows = [{"workers": 2, "zero_stage": z, "micro_batch": 4, "comm_calls": n, "comm_wire_bytes": b,
+             "comm_est_s": (n + 2) * 3e-3 + b / 500e6} for z, n, b in ((0, 2, 5e5), (2, 5, 1e6), (3, 53, 3e6))]
+    rows.append({"workers": 1, "zero_stage": 0, "micro_batch": 4, "comm_calls": 2, "comm_wire_bytes": 0.0,
+                 "comm_est_s": 0.0})  # a 1-worker run is the baseline, not a point of the fit
+    fit = bt.fit_latency_bandwidth(rows)
+    assert fit["alpha_s"] == pytest.approx(3e-3) and fit["beta_bytes_per_s"] == pytest.approx(500e6)
+    assert fit["points"] == [[2, 0, 4], [2, 2, 4], [2, 3, 4]] and fit["predicted_s"][1] == pytest.approx(0.023)
+    assert bt.fit_latency_bandwidth(rows[:1]) is None
+
+
+def test_training_cli_defaults_and_errors(capsys):
+    quick = bt.parse_args(["--quick"])
+    assert (quick.workers, quick.zero_stages, quick.micro_batches) == ([1, 2], [0, 2, 3], [4])
+    assert quick.precision == "fp32" and quick.vocab == 1024 and quick.threads_per_worker == 1
+    with pytest.raises(SystemExit):
+        bt.parse_args(["--workers", "1,4096"])
+    assert "needs 4096 CPU cores" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bt.parse_args(["--zero-stages", "0,4"])
+    assert "0..3" in capsys.readouterr().err
+
+
+# ---- the engine's step timer --------------------------------------------------------------------------------------------
+def test_phase_timer_sums_phases_over_micro_batches(monkeypatch):
+    clock = iter([0.0, 1.0, 3.0, 6.0, 10.0, 10.5, 11.0, 12.0, 13.0, 13.5])
+    monkeypatch.setattr("onerec_dist.distributed.worker.time.perf_counter", lambda: next(clock))
+    timer = PhaseTimer(cuda=False)
+    timer.start()                                            # 0
+    for _ in range(2):                                       # two micro-batches
+        for phase in ("data", "forward", "backward", "optimizer"):
+            timer.mark(phase)
+    timer.mark("data")                                       # the logging all-reduce after the last micro-batch
+    # data: (1-0) + (10.5-10) + (13.5-13) = 2; forward: 2 + 0.5; backward: 3 + 1; optimizer: 4 + 1
+    assert timer.read() == pytest.approx({"data": 2.0, "forward": 2.5, "backward": 4.0, "optimizer": 5.0,
+                                          "total": 13.5})
+    with pytest.raises(ValueError, match="phase='comm'"):
+        timer.mark("comm")
+
+
+def test_peak_memory_sees_a_64_mib_allocation_and_resets():
+    bt.reset_peak_memory(cuda=False)
+    before = bt.peak_memory_bytes(cuda=False)
+    block = bytearray(64 * 2**20)
+    block[:: 4096] = b"x" * len(block[:: 4096])  # touch every page
+    high = bt.peak_memory_bytes(cuda=False)
+    del block
+    assert high - before >= 60 * 2**20
+    bt.reset_peak_memory(cuda=False)
+    if Path("/proc/self/clear_refs").exists():
+        assert bt.peak_memory_bytes(cuda=False) < high
+
+
+# ---- environment record and writers ------------------------------------------------------------------------------------
+def test_environment_record_has_the_required_keys():
+    env = _common.environment_record(config={"out_dir": Path("/tmp/x"), "workers": [1, 2]})
+    assert set(env) == set(_common.ENVIRONMENT_KEYS)
+    assert set(env["hardware"]) == set(_common.HARDWARE_KEYS) and env["hardware"]["cpu_cores"] >= 1
+    assert {"torch", "deepspeed", "ray", "transformers", "peft", "triton"} <= set(env["libraries"])
+    assert env["libraries"]["torch"] == torch.__version__
+    assert env["git"]["commit"] is None or re.fullmatch(r"[0-9a-f]{40}", env["git"]["commit"])
+    assert env["git"]["dirty"] in (True, False, None)
+    assert env["config"] == {"out_dir": "/tmp/x", "workers": [1, 2]}
+    json.dumps(env)  # JSON-able as is
+
+
+def test_library_versions_do_not_import_the_packages():
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, %r); import _common; _common.library_versions(); "
+            "bad = [m for m in ('deepspeed', 'ray', 'triton', 'peft') if m in sys.modules]; assert not bad, bad")
+    result = subprocess.run([sys.executable, "-c", code % str(BENCH_DIR)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_writers_produce_readable_files(tmp_path):
+    rows = [{"workers": 1, "step_s": 0.5, "series": [1, 2]}, {"workers": 2, "step_s": 0.25, "extra": "x"}]
+    csv_path = _common.write_csv(rows, tmp_path / "sub" / "r.csv")
+    with csv_path.open() as handle:
+        read = list(csv.DictReader(handle))
+    assert [r["workers"] for r in read] == ["1", "2"] and read[1]["extra"] == "x" and "series" not in read[0]
+    with pytest.raises(ValueError, match="no rows"):
+        _common.write_csv([], tmp_path / "empty.csv")
+    json_path = _common.write_json({"p": tmp_path, "rows": rows}, tmp_path / "r.json")
+    assert json.loads(json_path.read_text())["p"] == str(tmp_path)
+    fig, (ax,) = _common.new_figure(1)
+    ax.plot([1, 2], [3, 4])
+    png = _common.save_figure(fig, tmp_path / "r.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = _common.format_table(rows, [("workers", "W"), ("step_s", "step_s"), ("extra", "extra")])
+    assert table.splitlines()[2].split("|")[-1].strip() == "x" and "-" in table.splitlines()[1]
+    assert _common.ratio(1.0, 0) is None and _common.ratio(3.0, 2.0) == 1.5
+
+
+def test_training_plot_writes_a_png(tmp_path):
+    args = bt.parse_args(["--quick", "--warmup-steps", "0", "--steps", "3"])
+    rows = [bt.summarise((w, z, 4), fake_summary(0.1 * w * (1 + z), 512 * w), args) for w in (1, 2) for z in (0, 3)]
+    bt.add_ratios(rows)
+    assert bt.write_plot(rows, tmp_path / "t.png", "test").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---- run_benchmarks entry point -----------------------------------------------------------------------------------------
+def test_run_benchmarks_rejects_unknown_names(capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_benchmarks.main(["trianing"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown benchmark 'trianing'" in err and "training" in err and "all" in err
+    with pytest.raises(ValueError, match="unknown benchmark 'x'"):
+        run_benchmarks.load_main("x")
+    with pytest.raises(SystemExit):
+        run_benchmarks.main(["all", "--", "--workers", "1"])
+    assert "name it instead of 'all'" in capsys.readouterr().err
+
+
+def test_run_benchmarks_dispatches_with_the_shared_options(monkeypatch):
+    calls = []
+    monkeypatch.setattr(run_benchmarks, "load_main", lambda name: lambda argv: calls.append((name, argv)) or name)
+    assert run_benchmarks.main(["training", "--quick", "--device", "cpu", "--", "--workers", "1"]) == {
+        "training": "training"}
+    assert calls == [("training", ["--quick", "--device", "cpu", "--workers", "1"])]
+    calls.clear()
+    run_benchmarks.main(["all"])
+    assert calls == [(name, []) for name in run_benchmarks.BENCHMARKS]
+    assert set(run_benchmarks.BENCHMARKS) == {"training", "decoding", "prefix_index", "constrained_step"}
+
+
+def test_run_benchmarks_reaches_the_real_training_main(capsys):
+    # the real module's main, with the option that prints SCALING.md's table (no Ray)
+    report = run_benchmarks.main(["training", "--", "--comm-model"])
+    assert len(report["training"]["comm_model"]) == 3 * 4
+    assert "| Qwen3-8B | 8.191 B | 256 | IB |" in capsys.readouterr().out
