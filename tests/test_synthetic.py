@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from onerec_dist.data.config import SyntheticConfig
 from onerec_dist.data.synthetic import (BRAND_AFFINITY, NUM_COMPLEMENTS, ZIPF_EXPONENT, build_world,
-                                        generate_synthetic, simulate_users, write_personas)
+                                        generate_synthetic, majority_subcategory, simulate_users, write_personas)
 
 
 def steps(trace):
@@ -283,3 +283,123 @@ def test_invariants_hold_for_any_small_config(tops, subs, brands, extra_items, u
             assert a != b
             # Every step is explained: a complement of a, or an item of an interest in force at step t.
             assert world.is_complement([a], [b])[0] or world.item_sub[b] in trace.interests[u, t]
+
+
+# ---------------------------------------------------------------- mode=reasoning (step 10)
+
+
+def _digest(data):
+    import hashlib
+    import json
+
+    cat = data.catalogue
+    blob = json.dumps([data.sequences, data.personas, cat.titles, cat.descriptions, cat.brands, cat.categories],
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def test_default_mode_is_unchanged_by_the_reasoning_mode():
+    # Digests of the generator's output as it was before mode=reasoning existed (commit 7f39707, computed with
+    # the same _digest): adding step 10 must not move a single draw of steps 1-9.
+    assert _digest(generate_synthetic(SyntheticConfig())) == \
+        "7a2fec412aa544466b0442a82db04b6dfabbe38daa9e8fe4648704fc4a434ce9"
+    small = SyntheticConfig(num_users=50, num_items=80, num_top_categories=3, drift_prob=0.5, seed=7)
+    assert _digest(generate_synthetic(small)) == "f86ab7970b675470d02b9625f691e14d1efe588844e1dc370f2d2b1986a1a9fd"
+    trace = simulate_users(build_world(SyntheticConfig()), SyntheticConfig())
+    assert trace.via_rule is None and trace.brand_by_top is None
+
+
+def test_partner_is_the_hand_picked_cross_top_subcategory():
+    world = build_world(SyntheticConfig())
+    name = {n: s for s, n in enumerate(world.sub_names)}
+    assert world.partner[name["Lenses"]] == name["Photo Printers"]
+    assert world.partner[name["Espresso Machines"]] == name["Travel Mugs"]
+    for s, p in enumerate(world.partner):
+        assert world.sub_top[p] != world.sub_top[s] and p in world.related[s]
+
+
+def test_majority_subcategory_counts_then_prefers_the_most_recent():
+    item_sub = np.array([0, 1, 2, 0, 1])  # item -> subcategory
+    window = np.array([[0, 1, 3, 2],   # subs 0 1 0 2: 0 twice -> 0
+                       [0, 1, 2, 4],   # subs 0 1 2 1: 1 twice -> 1
+                       [0, 1, 4, 3],   # subs 0 1 1 0: tie 0/1, 0 seen last -> 0
+                       [2, 1, 0, 4]])  # subs 2 1 0 1: 1 twice -> 1
+    assert majority_subcategory(item_sub, window).tolist() == [0, 1, 0, 1]
+    assert majority_subcategory(item_sub, np.array([[0, 1, 2]])).tolist() == [2]  # all distinct: the last
+
+
+def _rule_steps(world, cfg, trace):
+    """Every step t >= W inside a sequence, with the rule's subcategory recomputed here by a plain Counter:
+    users [M], t [M], partner of the majority [M]."""
+    from collections import Counter
+
+    users, ts, want = [], [], []
+    for u in range(len(trace.user_ids)):
+        seq = trace.items[u, :trace.lengths[u]].tolist()
+        for t in range(cfg.rule_window, len(seq)):
+            subs = [int(world.item_sub[i]) for i in seq[t - cfg.rule_window:t]]
+            counts = Counter(subs)
+            top = max(counts.values())
+            majority = next(s for s in reversed(subs) if counts[s] == top)
+            users.append(u), ts.append(t), want.append(world.partner[majority])
+    return np.array(users), np.array(ts), np.array(want)
+
+
+@pytest.mark.parametrize("rule_prob", [0.7, 0.3])
+def test_reasoning_rule_holds_with_the_documented_probability(rule_prob):
+    cfg = SyntheticConfig(mode="reasoning", rule_prob=rule_prob, num_users=1000)
+    world = build_world(cfg)
+    trace = simulate_users(world, cfg)
+    data = generate_synthetic(cfg)
+    assert data.sequences == {u: r[:n].tolist() for u, r, n in zip(trace.user_ids, trace.items, trace.lengths)}
+    users, t, want = _rule_steps(world, cfg, trace)
+    fired = trace.via_rule[users, t]
+    item_sub = world.item_sub[trace.items[users, t]]
+    # Every rule step lands in partner(majority of the last W items), recomputed independently above.
+    assert (item_sub[fired] == want[fired]).all()
+    assert not trace.via_rule[:, :cfg.rule_window].any()
+    # The rule fires with probability rule_prob exactly (every subcategory of this world holds >= 2 items, so the
+    # "partner holds only item t-1" exception never applies): Binomial(n, p), 4-sigma band.
+    n = len(t)
+    assert abs(fired.sum() - rule_prob * n) < 4 * np.sqrt(n * rule_prob * (1 - rule_prob)), (fired.sum(), n)
+    # Seen from the data alone: P(item in partner(majority)) = rule_prob + (1 - rule_prob) * q, with q the base rate
+    # of the other steps (measured on the non-rule steps, ~0.1), so the rule's signal is plain in the sequences.
+    q = (item_sub[~fired] == want[~fired]).mean()
+    assert q < 0.2
+    hits, expected = (item_sub == want).sum(), n * (rule_prob + (1 - rule_prob) * q)
+    assert abs(hits - expected) < 4 * np.sqrt(n * 0.25), (hits, expected)
+
+
+def test_reasoning_rule_prefers_the_users_brand_of_the_partners_top():
+    # A rule draw from subcategory s for a user whose preferred brand there is b, skipping a = item t-1, picks item
+    # i with w_i = popularity_i * (BRAND_AFFINITY if brand_i == b else 1), w_a = 0, normalised. The count of rule
+    # items with brand b minus its expectation is a sum of independent centred Bernoullis: 4-sigma band.
+    cfg = SyntheticConfig(mode="reasoning", num_users=1000)
+    world = build_world(cfg)
+    trace = simulate_users(world, cfg)
+    users, t = np.nonzero(trace.via_rule)
+    items, prev = trace.items[users, t], trace.items[users, t - 1]
+    pi = np.empty(len(t))
+    for m, (u, i, a) in enumerate(zip(users, items, prev)):
+        s = world.item_sub[i]
+        candidates = world.items_of_sub[s][world.items_of_sub[s] != a]
+        preferred = trace.brand_by_top[u, world.sub_top[s]]
+        w = world.popularity[candidates] * np.where(world.item_brand[candidates] == preferred, BRAND_AFFINITY, 1.0)
+        pi[m] = w[world.item_brand[candidates] == preferred].sum() / w.sum()
+    hits = (world.item_brand[items] == trace.brand_by_top[users, world.sub_top[world.item_sub[items]]]).sum()
+    assert abs(hits - pi.sum()) < 4 * np.sqrt((pi * (1 - pi)).sum()), (hits, pi.sum())
+    assert pi.mean() > 0.4  # ~1/2 with 4 brands and affinity 3, against ~1/4 without it
+    # The persona's brand is the preferred brand of interest 0's top.
+    assert (trace.brand_by_top[np.arange(cfg.num_users), world.sub_top[trace.interests[:, 0, 0]]] == trace.brand).all()
+
+
+def test_reasoning_mode_is_seeded_and_validated():
+    cfg = SyntheticConfig(mode="reasoning", num_users=50)
+    assert generate_synthetic(cfg).sequences == generate_synthetic(cfg).sequences
+    assert generate_synthetic(cfg).sequences != generate_synthetic(SyntheticConfig(num_users=50)).sequences
+    with pytest.raises(ValueError, match="data.synthetic.num_top_categories: must be >= 2 with mode=reasoning"):
+        SyntheticConfig(mode="reasoning", num_top_categories=1)
+    with pytest.raises(ValueError, match="data.synthetic.mode.*allowed values: 'default', 'reasoning'"):
+        SyntheticConfig(mode="think")
+    with pytest.raises(ValueError, match="data.synthetic.rule_prob"):
+        SyntheticConfig(rule_prob=1.5)

@@ -21,6 +21,10 @@ class SyntheticConfig:
     complement_prob: float = 0.6
     drift_prob: float = 0.15
     seed: int = 0
+    # mode=reasoning: the next item follows a rule over the last items (onerec_dist/data/synthetic.py, step 10).
+    mode: Literal["default", "reasoning"] = "default"
+    rule_prob: float = 0.7
+    rule_window: int = 4
 
     def __post_init__(self) -> None:
         require(self.num_users >= 1, "data.synthetic.num_users", "must be >= 1")
@@ -30,6 +34,13 @@ class SyntheticConfig:
         require(0 <= self.complement_prob <= 1, "data.synthetic.complement_prob", "must be in [0, 1]")
         require(0 <= self.drift_prob <= 1, "data.synthetic.drift_prob", "must be in [0, 1]")
         require(self.interests_per_user >= 1, "data.synthetic.interests_per_user", "must be >= 1")
+        require(0 <= self.rule_prob <= 1, "data.synthetic.rule_prob", "must be in [0, 1]")
+        require(self.rule_window >= 1, "data.synthetic.rule_window", "must be >= 1")
+        require(self.mode in ("default", "reasoning"), "data.synthetic.mode",
+                f"{self.mode!r} is not allowed; allowed values: 'default', 'reasoning'")
+        if self.mode == "reasoning":
+            require(self.num_top_categories >= 2, "data.synthetic.num_top_categories",
+                    "must be >= 2 with mode=reasoning (the rule's partner is in another top category)")
 
 
 @dataclass

@@ -36,6 +36,22 @@ Users (``simulate_users``)
      q is the chance the interest draw lands on a complement; tests check both terms.
   9. Persona: one short sentence naming the user's initial interests and preferred brand, e.g.
      "Enjoys espresso machines and film cameras; often buys from Lumora."
+
+Reasoning mode (``mode=reasoning``; the default mode is steps 1-9 exactly, same seed -> same data as before)
+  10. A task where a rationale can spell out intermediate steps (OneRec-Think Sec. 4.2 needs one). Every
+      subcategory s has one *partner*: the cross-top partner picked for it in step 1 (e.g. Lenses -> Photo
+      Printers; the hand-picked one where it exists). Every user has a preferred brand in every top category: the
+      one of step 6 in the top of interest 0, a uniform brand of the top elsewhere; every draw of step 7 / 8c uses
+      the preferred brand of the drawn subcategory's top. At each step t >= W = ``rule_window``, after step 8
+      has drawn its candidate, with probability ``rule_prob`` the rule replaces it:
+        a. m = the majority subcategory of items t-W .. t-1 (ties: the most recent of the tied subcategories);
+        b. item t is drawn as in 7 from partner(m), with the user's preferred brand of partner(m)'s top
+           (weight popularity * BRAND_AFFINITY), skipping item t-1 (if partner(m) holds item t-1 alone, the
+           rule does not fire).
+      A rationale then reads: "the last items were mostly Lenses -> people who buy lenses move to photo
+      printers -> they chose Lumora in Photo Printing before -> a Lumora photo printer". The rule's coin and
+      the extra brands come from a fourth random stream, so steps 1-9 draw exactly the same numbers in both
+      modes. ``SyntheticTrace.via_rule`` records which steps followed the rule.
 """
 
 from __future__ import annotations
@@ -139,6 +155,7 @@ class SyntheticWorld:
     complements: np.ndarray  # [N, NUM_COMPLEMENTS] complement item indices, -1 padded
     num_complements: np.ndarray  # [N] valid entries per row of ``complements`` (>= 1)
     catalogue: Catalogue
+    partner: np.ndarray | None = None  # [S] the cross-top partner picked for each subcategory (-1: none), step 10
 
     def is_complement(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """[M] bool: is item b[i] one of item a[i]'s complements."""
@@ -155,6 +172,8 @@ class SyntheticTrace:
     via_complement: np.ndarray  # [U, T] bool: item t was drawn as a complement of item t-1 (False at t=0)
     interests: np.ndarray  # [U, T, K] the interests in force when item t was drawn (after that step's drift)
     brand: np.ndarray  # [U] preferred brand (global index)
+    via_rule: np.ndarray | None = None  # [U, T] bool: item t followed the rule of step 10 (mode=reasoning only)
+    brand_by_top: np.ndarray | None = None  # [U, num_top_categories] preferred brand per top (mode=reasoning only)
 
 
 def generate_synthetic(cfg: SyntheticConfig, name: str = "synthetic") -> InteractionData:
@@ -169,8 +188,9 @@ def generate_synthetic(cfg: SyntheticConfig, name: str = "synthetic") -> Interac
 
 
 def _streams(cfg: SyntheticConfig) -> list[np.random.Generator]:
-    """Independent generators for world, users and personas, so each part can be rebuilt alone."""
-    return [np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(3)]
+    """Independent generators for world, users, personas and the reasoning rule, so each part can be rebuilt
+    alone (child i of SeedSequence.spawn does not depend on how many children are spawned)."""
+    return [np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(4)]
 
 
 def _check_sizes(cfg: SyntheticConfig) -> None:
@@ -194,7 +214,7 @@ def build_world(cfg: SyntheticConfig) -> SyntheticWorld:
     _check_sizes(cfg)
     rng = _streams(cfg)[0]
     top_names, sub_names, sub_nouns, sub_top, partner_names = _taxonomy(cfg)
-    related = _related(sub_names, sub_top, partner_names, rng)
+    related, partner = _related(sub_names, sub_top, partner_names, rng)
     brand_names = _brand_names(cfg.num_top_categories * cfg.brands_per_top, rng)
 
     num_subs = len(sub_names)
@@ -210,7 +230,8 @@ def build_world(cfg: SyntheticConfig) -> SyntheticWorld:
     complements, num_complements = _complements(item_sub, items_of_sub, related, popularity, rng)
     catalogue = _catalogue(top_names, sub_names, sub_nouns, sub_top, brand_names, item_sub, item_brand, rng)
     return SyntheticWorld(top_names, sub_names, sub_nouns, sub_top, related, brand_names, cfg.brands_per_top,
-                          item_sub, item_brand, popularity, items_of_sub, complements, num_complements, catalogue)
+                          item_sub, item_brand, popularity, items_of_sub, complements, num_complements, catalogue,
+                          partner)
 
 
 def _taxonomy(cfg: SyntheticConfig) -> tuple[list[str], list[str], list[str], np.ndarray, list[str]]:
@@ -234,10 +255,11 @@ def _taxonomy(cfg: SyntheticConfig) -> tuple[list[str], list[str], list[str], np
 
 
 def _related(sub_names: list[str], sub_top: np.ndarray, partner_names: list[str],
-             rng: np.random.Generator) -> list[np.ndarray]:
-    """Siblings plus one cross-top partner per subcategory, made symmetric."""
+             rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
+    """Siblings plus one cross-top partner per subcategory, made symmetric; also [S] each one's own partner."""
     index = {name: s for s, name in enumerate(sub_names)}
     related: list[set[int]] = [set(np.flatnonzero(sub_top == sub_top[s]).tolist()) - {s} for s in range(len(index))]
+    own_partner = np.full(len(index), -1, dtype=np.int64)
     for s, partner_name in enumerate(partner_names):
         partner = index.get(partner_name)
         if partner is None or sub_top[partner] == sub_top[s]:
@@ -247,7 +269,8 @@ def _related(sub_names: list[str], sub_top: np.ndarray, partner_names: list[str]
             partner = int(rng.choice(others))
         related[s].add(partner)
         related[partner].add(s)
-    return [np.array(sorted(r), dtype=np.int64) for r in related]
+        own_partner[s] = partner
+    return [np.array(sorted(r), dtype=np.int64) for r in related], own_partner
 
 
 def _brand_names(count: int, rng: np.random.Generator) -> list[str]:
@@ -368,7 +391,8 @@ class _InterestSampler:
 
 
 def simulate_users(world: SyntheticWorld, cfg: SyntheticConfig) -> SyntheticTrace:
-    """Steps 6-8 of the module docstring, all users in lockstep (one vectorised pass per position t)."""
+    """Steps 6-8 (and 10 with mode=reasoning) of the module docstring, all users in lockstep (one vectorised pass
+    per position t)."""
     _check_sizes(cfg)
     rng = _streams(cfg)[1]
     num_users, k, t_max = cfg.num_users, cfg.interests_per_user, cfg.max_seq_len
@@ -379,26 +403,79 @@ def simulate_users(world: SyntheticWorld, cfg: SyntheticConfig) -> SyntheticTrac
     brand = world.sub_top[interests[:, 0]] * cfg.brands_per_top + rng.integers(cfg.brands_per_top, size=num_users)
     related = _padded(world.related)  # [S, R]
     sampler = _InterestSampler(world)
+    reasoning = cfg.mode == "reasoning"
+    rule_rng = _streams(cfg)[3]
+    brand_by_top = _brands_by_top(world, interests, brand, rule_rng) if reasoning else None  # [U, T]
+
+    def brand_of(subs: np.ndarray) -> np.ndarray:
+        """Preferred brand for draws from ``subs`` [U]: one brand per user, or per (user, top) when reasoning."""
+        return brand if brand_by_top is None else brand_by_top[users, world.sub_top[subs]]
 
     items = np.full((num_users, t_max), -1, dtype=np.int64)
     via_complement = np.zeros((num_users, t_max), dtype=bool)
     interest_log = np.zeros((num_users, t_max, k), dtype=np.int64)
     interest_log[:, 0] = interests
+    via_rule = np.zeros((num_users, t_max), dtype=bool) if reasoning else None
     slot = rng.integers(k, size=num_users)
-    items[:, 0], _ = sampler.draw(interests[users, slot], brand, None, rng.random(num_users))
+    subs = interests[users, slot]
+    items[:, 0], _ = sampler.draw(subs, brand_of(subs), None, rng.random(num_users))
     for t in range(1, t_max):
         active = t < lengths
         _drift(interests, related, active & (rng.random(num_users) < cfg.drift_prob), rng)
         interest_log[:, t] = interests
         prev = items[:, t - 1]
         slot = rng.integers(k, size=num_users)
-        drawn, only_prev = sampler.draw(interests[users, slot], brand, prev, rng.random(num_users))
+        subs = interests[users, slot]
+        drawn, only_prev = sampler.draw(subs, brand_of(subs), prev, rng.random(num_users))
         pick = (rng.random(num_users) * world.num_complements[np.maximum(prev, 0)]).astype(np.int64)
         complement = world.complements[np.maximum(prev, 0), pick]
         use_complement = (rng.random(num_users) < cfg.complement_prob) | only_prev
-        items[:, t] = np.where(active, np.where(use_complement, complement, drawn), -1)
+        step = np.where(use_complement, complement, drawn)
+        if reasoning:
+            rule_item, fired = _rule_step(world, cfg, items, t, brand_by_top, sampler, rule_rng)
+            fired &= active
+            step = np.where(fired, rule_item, step)
+            use_complement &= ~fired
+            via_rule[:, t] = fired
+        items[:, t] = np.where(active, step, -1)
         via_complement[:, t] = active & use_complement
-    return SyntheticTrace([f"u{i}" for i in range(num_users)], lengths, items, via_complement, interest_log, brand)
+    return SyntheticTrace([f"u{i}" for i in range(num_users)], lengths, items, via_complement, interest_log, brand,
+                          via_rule, brand_by_top)
+
+
+def _brands_by_top(world: SyntheticWorld, interests: np.ndarray, brand: np.ndarray,
+                   rng: np.random.Generator) -> np.ndarray:
+    """Step 10: [U, T] preferred brand per top category; the step-6 brand in the top of interest 0."""
+    num_users, num_tops = len(brand), len(world.top_names)
+    slots = rng.integers(world.brands_per_top, size=(num_users, num_tops))
+    by_top = np.arange(num_tops) * world.brands_per_top + slots  # [U, T] global brand indices
+    by_top[np.arange(num_users), world.sub_top[interests[:, 0]]] = brand
+    return by_top
+
+
+def majority_subcategory(item_sub: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """Step 10a: [U] the most frequent subcategory of each row of ``window`` [U, W] (item indices, oldest first);
+    ties go to the tied subcategory seen most recently."""
+    subs = item_sub[window]  # [U, W]
+    counts = (subs[:, :, None] == subs[:, None, :]).sum(axis=2)  # [U, W] how often each position's sub occurs
+    width = subs.shape[1]
+    best = (counts * width + np.arange(width)).argmax(axis=1)  # count first, then recency
+    return subs[np.arange(len(subs)), best]
+
+
+def _rule_step(world: SyntheticWorld, cfg: SyntheticConfig, items: np.ndarray, t: int, brand_by_top: np.ndarray,
+               sampler: _InterestSampler, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Step 10 at position t: ([U] the rule's item, [U] bool whether the rule fires). Draws two uniforms per user
+    at every t (also before W), so the stream's position does not depend on the data."""
+    num_users = items.shape[0]
+    coin, u = rng.random(num_users), rng.random(num_users)
+    window = cfg.rule_window
+    if t < window:
+        return np.full(num_users, -1), np.zeros(num_users, dtype=bool)
+    target_sub = world.partner[majority_subcategory(world.item_sub, np.maximum(items[:, t - window:t], 0))]
+    brand = brand_by_top[np.arange(num_users), world.sub_top[target_sub]]
+    drawn, only_prev = sampler.draw(target_sub, brand, items[:, t - 1], u)
+    return drawn, (coin < cfg.rule_prob) & ~only_prev
 
 
 def _distinct_interests(num_users: int, k: int, num_subs: int, rng: np.random.Generator) -> np.ndarray:
