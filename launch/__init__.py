@@ -2,7 +2,8 @@
 
 `onerec-launch <backend> [key=value ...] [--dry-run] -- onerec <stage> [overrides]` (launch/cli.py). Modules:
 config (conf/launch.yaml schema), request (the command line as data), job (entrypoint, runtime_env), launcher
-(plan -> record -> submit), record (launch.json, relaunch.sh), ray_jobs (JobSubmissionClient), local_cluster (a
-throw-away Ray on 127.0.0.1), slurm (sbatch template), k8s (KubeRay RayJob). This package imports onerec_dist,
-never the other way round; ray and jinja2 are imported only inside the functions that use them.
+(plan -> record -> submit), record (launch.json, relaunch.sh), local_cluster (a throw-away Ray on 127.0.0.1), slurm
+(sbatch template), k8s (KubeRay RayJob), sweep (a grid of jobs, one table). The Ray Jobs client is
+onerec_dist.distributed.job_submission: only onerec_dist/distributed imports ray. This package imports onerec_dist,
+never the other way round; jinja2 is imported only inside the functions that use it.
 """

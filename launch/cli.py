@@ -42,7 +42,7 @@ JOB_ACTIONS = ("status", "logs", "stop")
 
 def jobs_command(argv: list[str]) -> int:
     """`onerec-launch jobs {status,logs,stop} ID [ray.address=URL]` for jobs submitted with ray.wait=false."""
-    from onerec_launch import ray_jobs
+    from onerec_dist.distributed import job_submission as ray_jobs
 
     if len(argv) < 2 or argv[0] not in JOB_ACTIONS:
         raise ValueError(f"usage: onerec-launch jobs {{{','.join(JOB_ACTIONS)}}} <submission_id> ray.address=URL")
@@ -59,7 +59,7 @@ def jobs_command(argv: list[str]) -> int:
     if action == "status":
         print(ray_jobs.status(client, submission_id))
     elif action == "logs":
-        print(client.get_job_logs(submission_id), end="")
+        print(ray_jobs.logs(client, submission_id), end="")
     else:
         print(ray_jobs.stop(client, submission_id))
     return 0

@@ -153,7 +153,7 @@ def launch(request: LaunchRequest, out: TextIO | None = None, cwd: Path | None =
 
 def _run_ray_jobs(plan: LaunchPlan, out: TextIO) -> LaunchResult:
     from onerec_launch.local_cluster import LocalRayCluster
-    from onerec_launch.ray_jobs import run_job
+    from onerec_dist.distributed.job_submission import run_job
 
     ray_cfg = plan.cfg.ray
     metadata = {"job_name": plan.name, "stage": plan.job.stage, "record_dir": str(plan.record_dir)}

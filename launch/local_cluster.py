@@ -65,7 +65,7 @@ class LocalRayCluster:
 
     def start(self) -> str:
         """Start the head and wait until its dashboard accepts jobs; returns the dashboard address."""
-        from onerec_launch.ray_jobs import connect
+        from onerec_dist.distributed.job_submission import connect
 
         Path(self.temp_dir).mkdir(parents=True, exist_ok=True)
         # Like a cluster started from an activated venv: `python` in a job's entrypoint is this interpreter.

@@ -438,7 +438,7 @@ def test_pipeline_through_ray_jobs(ray_cluster, tmp_path):
 
 @pytest.mark.slow
 def test_ray_jobs_timeout_stops_the_job(ray_cluster, capsys):
-    from onerec_launch.ray_jobs import connect, run_job, status
+    from onerec_dist.distributed.job_submission import connect, run_job, status
 
     sid = f"sleeper-{secrets.token_hex(3)}"
     result = run_job(ray_cluster.address, "sleep 120", {}, sid, timeout_s=2, out=open(os.devnull, "w"))

@@ -9,39 +9,26 @@ import numpy as np
 
 
 def ensure_ray() -> None:
-    """Join a running Ray (initialised, or RAY_ADDRESS) or start a local one with a short temp dir (socket paths
-    must stay under 107 bytes)."""
-    import os
+    """Use, join or start Ray through the one session helper (ray_session); a local one runs without dashboard."""
+    from onerec_dist.distributed import ray_session
 
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-        return
-    ray.init(_temp_dir=os.environ.get("ONEREC_RAY_TEMP_DIR", "/tmp/ray_onerec"), include_dashboard=False,
-             log_to_driver=False)
+    ray_session.ensure_ray(include_dashboard=False, log_to_driver=False)
 
 
 def _decode_shard(eval_cfg, model_dir: str, item_codes: np.ndarray, prompts, histories, batches, numbers):
     import torch
 
-    from onerec_dist.decoding.beam_search import ConstrainedDecoder
-    from onerec_dist.evaluation import decode_batches
+    from onerec_dist.devices import resolve_device
+    from onerec_dist.evaluation import build_decoder, decode_batches
     from onerec_dist.models import load_pretrained
-    from onerec_dist.sid.prefix_index import PrefixIndex
     from onerec_dist.sid.tokens import ItemTokenizer
 
     torch.set_num_threads(1)
     model, tokenizer = load_pretrained(model_dir, "sdpa", "auto")
-    device = torch.device("cuda" if eval_cfg.use_gpu and torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto" if eval_cfg.use_gpu else "cpu")
     model.eval().to(device)
     item_tok = ItemTokenizer.from_tokenizer(tokenizer)
-    codes = torch.as_tensor(item_codes)
-    decoder = ConstrainedDecoder(model, item_tok, PrefixIndex.build(codes, item_tok.codebook_sizes),
-                                 eval_cfg.beam_width, eval_cfg.top_k, eval_cfg.normalization, eval_cfg.step_impl,
-                                 tokenizer.pad_token_id or 0, item_codes=codes)
+    decoder = build_decoder(model, item_tok, item_codes, eval_cfg, tokenizer.pad_token_id or 0)
     mine = [batches[n] for n in numbers]
     local = decode_batches(decoder, prompts, histories, mine, eval_cfg.exclude_history, progress=False)
     return {numbers[i]: result for i, result in local.items()}

@@ -30,9 +30,6 @@ from onerec_dist.training.engine_api import TrainJob
 # Ray Train's controller polls the workers at this interval; its default (2 s) adds seconds to every start, report
 # and finish of short runs, and polling a handful of actors twice a second costs nothing.
 HEALTH_CHECK_INTERVAL_S = "0.5"
-# Variables the workers of a remote cluster should see as the driver does (a local cluster inherits them anyway).
-PROPAGATED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "WANDB_MODE",
-                  "WANDB_SILENT", "WANDB_DIR", "WANDB_CACHE_DIR", "TOKENIZERS_PARALLELISM")
 
 
 def run_training(job: TrainJob, trainer: TrainerConfig, ds: DeepSpeedConfig, output_dir: str | Path) -> dict[str, Any]:
@@ -105,8 +102,6 @@ def _launch(entry, loop_config: dict[str, Any], trainer: TrainerConfig, storage:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray 2.60 writes ~/.ray/auth_token
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
     started_ray = _ensure_ray(trainer)
     try:
@@ -139,26 +134,21 @@ def _train_worker_sequence_entry(config: dict[str, Any]) -> None:
 
 
 def _ensure_ray(trainer: TrainerConfig) -> bool:
-    """Join a running Ray (already initialised, trainer.ray_address or RAY_ADDRESS) or start a local one.
+    """Use, join or start Ray through the one session helper (ray_session); a local start is checked first.
 
-    Returns True when this call started Ray (the caller shuts it down)."""
+    Returns True when this call connected (the caller shuts Ray down)."""
     import ray
-
-    if ray.is_initialized():
-        return False
-    address = trainer.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        env = {k: os.environ[k] for k in PROPAGATED_ENV if k in os.environ}
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
-        return True
     import torch
 
+    from onerec_dist.distributed import ray_session
+
+    if ray.is_initialized() or ray_session.session_address(trainer.ray_address):
+        return ray_session.ensure_ray(trainer.ray_address)
     check_resources(trainer, gpus=torch.cuda.device_count(), cpus=os.cpu_count() or 1)  # fail before starting Ray
     # Ray's default dashboard stays on (~2 s): it also serves the state API that Ray Train's placement-group
     # cleaner polls; without it the cleaner logs "State API may be temporarily unavailable" every second.
-    ray.init(num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count(), _temp_dir=trainer.ray_temp_dir,
-             log_to_driver=True)
-    return True
+    return ray_session.ensure_ray(temp_dir_path=trainer.ray_temp_dir, num_cpus=os.cpu_count(),
+                                  num_gpus=torch.cuda.device_count())
 
 
 def _run_name(trainer: TrainerConfig, storage: str) -> str:

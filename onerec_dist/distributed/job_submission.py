@@ -1,7 +1,8 @@
 """Ray Jobs: submit a job to a cluster's dashboard, stream its log, wait for the end, stop it.
 
 Thin over ``ray.job_submission.JobSubmissionClient`` (needs ``ray[default]``: the client speaks HTTP via aiohttp).
-Ray is imported inside the functions so that `import onerec_launch` stays cheap.
+It lives here because only onerec_dist/distributed imports ray; `onerec-launch` (launch/) calls these functions.
+Ray is imported inside ``connect`` so that importing this module (and `onerec_launch`) stays cheap.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ def submit(client, entrypoint: str, runtime_env: dict, submission_id: str, metad
 
 def status(client, submission_id: str) -> str:
     return str(client.get_job_status(submission_id).value)
+
+
+def logs(client, submission_id: str) -> str:
+    return client.get_job_logs(submission_id)
 
 
 def wait(client, submission_id: str, timeout_s: float | None = None, poll_s: float = 0.5) -> str:
