@@ -151,6 +151,7 @@ def run_one(config: dict[str, Any], publish: str, resume_dir: str | Path | None)
     """
     job: TrainJob = config["job"]
     trainer: TrainerConfig = config["trainer"]
+    job.loss_config = trainer.loss  # trainer.loss (full / chunked / liger) for the default TrainJob.loss
     ds: DeepSpeedConfig = config["deepspeed"]
     output_dir = Path(config["output_dir"])
 

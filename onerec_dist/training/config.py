@@ -34,6 +34,20 @@ class WandbConfig:
     mode: Literal["offline", "online", "disabled"] = "offline"
 
 
+LOSS_IMPLS = ("auto", "chunked", "full", "liger")
+
+
+@dataclass
+class LossConfig:
+    """How the next-token cross-entropy is computed (onerec_dist/training/loss.py); all give the same loss."""
+
+    impl: Literal["auto", "chunked", "full", "liger"] = "auto"
+    chunk_size: int = 1024
+
+    def __post_init__(self) -> None:
+        require(self.chunk_size >= 1, "trainer.loss.chunk_size", f"must be >= 1, got {self.chunk_size}")
+
+
 @dataclass
 class TrainerConfig:
     num_workers: int = 1
@@ -68,10 +82,13 @@ class TrainerConfig:
     ray_address: str | None = None
     ray_temp_dir: str = "/tmp/ray_onerec"
     peak_tflops: float | None = None
+    loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.wandb, dict):  # direct construction with a plain mapping
             self.wandb = from_mapping(WandbConfig, self.wandb, "trainer.wandb")
+        if isinstance(self.loss, dict):
+            self.loss = from_mapping(LossConfig, self.loss, "trainer.loss")
         for name in ("num_workers", "cpus_per_worker", "max_steps", "micro_batch_size", "max_tokens",
                      "bucket_window", "pad_to_multiple_of", "grad_accum_steps", "log_every"):
             require(getattr(self, name) >= 1, f"trainer.{name}", f"must be >= 1, got {getattr(self, name)}")

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from onerec_dist.training.batching import IGNORE_INDEX, collate
+from onerec_dist.training.config import LossConfig
+from onerec_dist.training.loss import causal_lm_loss_sums
 
 
 @dataclass
@@ -71,8 +72,9 @@ class TrainJob:
         return count_loss_tokens(batch["labels"])
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
-        """Default: next-token cross-entropy summed over label tokens."""
-        return causal_lm_loss(model, batch)
+        """Default: next-token cross-entropy summed over label tokens (``loss_config``: trainer.loss, set by the
+        engine's worker; None = auto)."""
+        return causal_lm_loss(model, batch, getattr(self, "loss_config", None))
 
     def final_metrics(self, model: torch.nn.Module) -> dict[str, Any]:
         """Called on every rank after training, model in eval mode under no_grad (ZeRO-3: every rank must run the
@@ -85,20 +87,12 @@ def count_loss_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
-    """Summed next-token cross-entropy of a right-padded batch, with per-task sums and counts."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    labels = batch["labels"][:, 1:]                                                   # [B, L-1]
-    token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                 ignore_index=IGNORE_INDEX, reduction="none").view_as(labels)  # [B, L-1], 0 if ignored
-    per_example_sum = token_loss.sum(dim=1)                                           # [B]
-    per_example_count = (labels != IGNORE_INDEX).sum(dim=1).to(per_example_sum.dtype)  # [B]
-    num_tasks = len(batch["task_names"])
-    zeros = torch.zeros(num_tasks, dtype=per_example_sum.dtype, device=per_example_sum.device)
-    task_ids = batch["task_ids"]
-    return LossOutput(loss_sum=per_example_sum.sum(),
-                      task_sums=zeros.index_add(0, task_ids, per_example_sum.detach()),
-                      task_counts=zeros.index_add(0, task_ids, per_example_count))
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, Any], config: LossConfig | None = None) -> LossOutput:
+    """Summed next-token cross-entropy of a right-padded batch, with per-task sums and counts.
+
+    ``config`` (trainer.loss) picks full / chunked / Liger (onerec_dist.training.loss); None = auto."""
+    sums = causal_lm_loss_sums(model, batch, config)
+    return LossOutput(loss_sum=sums.loss_sum, task_sums=sums.task_sums, task_counts=sums.task_counts)
 
 
 def default_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
