@@ -40,11 +40,17 @@ excluded is masked, so beams never walk into a dead end.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from onerec_dist.decoding.constraints import (AllowedPrefixes, all_of, check_allowed_prefixes, prefix_constraint,
+                                              run_in_row_chunks)
+from onerec_dist.decoding.partial import PrefixResult, finish_prefixes
+from onerec_dist.decoding.sampling import SampleResult, stochastic_beam_search
+from onerec_dist.decoding.scoring import ScoreResult, candidate_codes, teacher_forced_scores
 from onerec_dist.sid.prefix_index import PrefixIndex
 from onerec_dist.sid.tokens import ItemTokenizer
 from onerec_kernels.constrained_step import ConstrainedStepOutput, constrained_step, select_beams
@@ -66,6 +72,27 @@ class DecodeResult:
     level_logprobs: torch.Tensor  # [B, K, L - l0] per-level step log-probs
 
 
+def output_layer(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output layer's weight [V, H] and bias [V] (or None): the one way the decoder reads them.
+
+    Under DeepSpeed ZeRO-3 a parameter outside a gather is an empty placeholder (its full shape in ``ds_shape``);
+    decode inside ``DeepSpeedStrategy.gathered_parameters()``, which makes the weights whole for the duration.
+    """
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is not None and hasattr(param, "ds_shape") and param.numel() != param.ds_shape.numel():
+            raise ValueError(f"the output layer's {name} is partitioned by DeepSpeed ZeRO-3 (local {param.numel()} "
+                             f"of {param.ds_shape.numel()} values): decode inside strategy.gathered_parameters()")
+    return weight, bias
+
+
+def output_layer_rows(model) -> int:
+    """Vocabulary rows V of the output layer, whole or ZeRO-3-partitioned (shape metadata only, no weights read)."""
+    weight = model.get_output_embeddings().weight
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
 class ConstrainedDecoder:
     """Beam search restricted to catalogue items. ``model`` is any HF causal LM with a plain linear output layer
     whose vocabulary holds the item tokens of ``item_tokenizer``; ``index`` is the prefix index over the
@@ -82,7 +109,8 @@ class ConstrainedDecoder:
 
     def __init__(self, model, item_tokenizer: ItemTokenizer, index: PrefixIndex, beam_width: int, top_k: int,
                  normalization: str = "full", step_impl: str = "auto", pad_token_id: int = 0,
-                 item_codes: torch.Tensor | None = None, prefill: str = "auto", code_logits: str = "slice"):
+                 item_codes: torch.Tensor | None = None, prefill: str = "auto", code_logits: str = "slice",
+                 row_budget: int | None = None):
         for name, value, allowed in (("normalization", normalization, NORMALIZATIONS), ("prefill", prefill, PREFILLS),
                                      ("code_logits", code_logits, CODE_LOGITS), ("step_impl", step_impl, STEP_IMPLS)):
             if value not in allowed:
@@ -91,10 +119,13 @@ class ConstrainedDecoder:
             raise ValueError(f"beam_width={beam_width} must be in [1, number of catalogue items={index.num_items}]")
         if not 1 <= top_k <= beam_width:
             raise ValueError(f"top_k={top_k} must be in [1, beam_width={beam_width}]")
+        if row_budget is not None and (isinstance(row_budget, bool) or not isinstance(row_budget, int)
+                                       or row_budget < 1):
+            raise ValueError(f"row_budget={row_budget!r} must be None (all prompts at once) or an int >= 1")
         if list(index.codebook_sizes) != list(item_tokenizer.codebook_sizes):
             raise ValueError(f"prefix index codebook sizes {list(index.codebook_sizes)} differ from the item "
                              f"tokenizer's {item_tokenizer.codebook_sizes}")
-        vocab = model.get_output_embeddings().weight.shape[0]
+        vocab = output_layer_rows(model)
         highest = int(item_tokenizer.item_token_ids().max())
         if highest >= vocab:
             raise ValueError(f"the model's vocabulary ({vocab} rows) lacks the item tokens (ids up to {highest}); "
@@ -114,6 +145,8 @@ class ConstrainedDecoder:
         self.prefill, self.code_logits = prefill, code_logits  # prefill resolved: "tree" | "once" | "per_beam"
         self.code_slices = [item_tokenizer.code_slice(level) for level in range(item_tokenizer.num_levels)]
         self.lse_chunk = LSE_CHUNK
+        # Most beam rows (prompts x beams) decoded at once; larger batches run in chunks of prompts of similar length.
+        self.row_budget = row_budget
         self._item_nodes = None  # [N, L+1] node of every item at every level, built on first exclusion
 
     # ------------------------------------------------------------------------------------------ model calls
@@ -121,8 +154,7 @@ class ConstrainedDecoder:
     def _level_logits(self, hidden: torch.Tensor, level: int):
         """Logits the step ranks, the full-vocabulary lse [R] (normalization="full", else None), and the column of
         code 0 in those logits: [R, K_l] and 0 with code_logits="slice", [R, V] and the level's offset with "full"."""
-        head = self.model.get_output_embeddings()
-        weight, bias = head.weight, getattr(head, "bias", None)  # [V, H], [V] or None
+        weight, bias = output_layer(self.model)  # [V, H], [V] or None
         start, stop = self.code_slices[level]
         if self.code_logits == "full":  # the step ranks whole vocabulary rows
             full = F.linear(hidden, weight, bias).float()  # [R, V]
@@ -161,25 +193,108 @@ class ConstrainedDecoder:
 
     @torch.no_grad()
     def decode(self, prompts: list[list[int]], start_codes: torch.Tensor | None = None,
-               exclude: list[list[int]] | None = None) -> DecodeResult:
+               exclude: list[list[int]] | None = None,
+               allowed_prefixes: AllowedPrefixes | None = None) -> DecodeResult:
         """Top-K items per prompt. ``start_codes`` [B, l0] starts from a partial ID (Think-Ahead); ``exclude``
-        lists catalogue rows per prompt that must not be returned."""
-        num_prompts = len(prompts)
-        device = self.model.get_output_embeddings().weight.device
-        start_codes = self._check_inputs(prompts, start_codes, exclude, device)
-        node = self.index.nodes_of_prefix(start_codes) if start_codes.shape[1] else self.index.root(num_prompts)
-        if start_codes.shape[1] and bool((node < 0).any()):  # one host sync, before the loop
-            bad = int((node < 0).nonzero()[0, 0])
-            raise ValueError(f"start_codes row {bad} = {start_codes[bad].tolist()} is the start of no catalogue item")
-        available = self._exclusion(exclude, num_prompts, device) if exclude is not None else None
-        ids, mask, pos = self._left_pad(prompts, start_codes, device)  # [B, T]
-        state_class = _TreeBeams if self.prefill == "tree" else _CopiedBeams
-        beams = state_class(self.model.get_decoder(), ids, mask, pos, self.beam_width, self.prefill == "per_beam")
-        return self._search(beams, node, start_codes, available)
+        lists catalogue rows per prompt that must not be returned; ``allowed_prefixes`` restricts row b to items
+        below its own m-level prefixes (Think-Ahead's online completion, constraints.py). Slots beyond the number
+        of reachable items hold item -1 and score -inf."""
+        start_codes = self._validate(prompts, start_codes, exclude, allowed_prefixes)
+        return run_in_row_chunks(self._decode_rows, self._rows_per_chunk(self.beam_width), prompts,
+                                 start_codes=start_codes, exclude=exclude, allowed_prefixes=allowed_prefixes)
 
-    def _search(self, beams, node, start_codes, available) -> DecodeResult:
+    @torch.no_grad()
+    def decode_prefixes(self, prompts: list[list[int]], num_levels: int, start_codes: torch.Tensor | None = None,
+                        exclude: list[list[int]] | None = None,
+                        allowed_prefixes: AllowedPrefixes | None = None) -> PrefixResult:
+        """Beam search over the first ``num_levels`` = m levels only: the top-K m-level prefixes per prompt with
+        their scores (Think-Ahead's offline part, partial.py). Other arguments as in :meth:`decode`."""
+        start_codes = self._validate(prompts, start_codes, exclude, allowed_prefixes)
+        if isinstance(num_levels, bool) or not isinstance(num_levels, int) or not (
+                start_codes.shape[1] < num_levels <= self.index.num_levels):
+            raise ValueError(f"num_levels={num_levels!r} must be an int in (l0={start_codes.shape[1]}, "
+                             f"L={self.index.num_levels}]")
+        return run_in_row_chunks(functools.partial(self._decode_rows, stop_level=num_levels),
+                                 self._rows_per_chunk(self.beam_width), prompts, start_codes=start_codes,
+                                 exclude=exclude, allowed_prefixes=allowed_prefixes)
+
+    @torch.no_grad()
+    def sample(self, prompts: list[list[int]], num_samples: int, temperature: float = 1.0,
+               generator: torch.Generator | None = None, start_codes: torch.Tensor | None = None,
+               exclude: list[list[int]] | None = None,
+               allowed_prefixes: AllowedPrefixes | None = None) -> SampleResult:
+        """``num_samples`` distinct items per prompt, drawn without replacement from the constrained item
+        distribution at ``temperature`` (Stochastic Beam Search, Kool et al. 2019; sampling.py). ``generator``
+        (on the model's device) makes draws repeatable; other arguments as in :meth:`decode`."""
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or not (
+                1 <= num_samples <= self.index.num_items):
+            raise ValueError(f"num_samples={num_samples!r} must be an int in [1, number of catalogue items="
+                             f"{self.index.num_items}]")
+        if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature != float("inf")):
+            raise ValueError(f"temperature={temperature!r} must be a finite number > 0")
+        start_codes = self._validate(prompts, start_codes, exclude, allowed_prefixes)
+
+        def sample_rows(prompts, start_codes, exclude, allowed_prefixes):
+            node, available, beams = self._start(prompts, start_codes, exclude, allowed_prefixes, num_samples)
+            return stochastic_beam_search(self, beams, node, start_codes, available, num_samples, float(temperature),
+                                          generator)
+
+        return run_in_row_chunks(sample_rows, self._rows_per_chunk(num_samples), prompts, start_codes=start_codes,
+                                 exclude=exclude, allowed_prefixes=allowed_prefixes)
+
+    @torch.no_grad()
+    def score_items(self, prompts: list[list[int]], items: torch.Tensor | None = None,
+                    codes: torch.Tensor | None = None) -> ScoreResult:
+        """Teacher-forced log-prob of given candidates after each prompt, under this decoder's normalization:
+        ``items`` [B, C] catalogue rows (needs ``item_codes``) or ``codes`` [B, C, L] (scoring.py)."""
+        self._validate(prompts, None, None, None)
+        codes = candidate_codes(self.index, self.item_codes, items, codes, len(prompts))  # [B, C, L]
+
+        def score_rows(prompts, codes):
+            no_start = codes.new_empty(len(prompts), 0)
+            beams = self._beams(*self._left_pad(prompts, no_start, codes.device), codes.shape[1])
+            return teacher_forced_scores(self, beams, codes)
+
+        return run_in_row_chunks(score_rows, self._rows_per_chunk(codes.shape[1]), prompts, codes=codes)
+
+    def _decode_rows(self, prompts, start_codes, exclude, allowed_prefixes, stop_level=None):
+        """Beam search over one chunk of (validated) rows; ``stop_level`` m for a partial decode."""
+        node, available, beams = self._start(prompts, start_codes, exclude, allowed_prefixes, self.beam_width)
+        return self._search(beams, node, start_codes, available, stop_level)
+
+    def _start(self, prompts, start_codes, exclude, allowed_prefixes, width):
+        """Start nodes [B], the per-level mask of exclusion and allowed prefixes (or None), the prefilled beams."""
+        num_prompts, device = len(prompts), start_codes.device
+        node = self.index.nodes_of_prefix(start_codes) if start_codes.shape[1] else self.index.root(num_prompts)
+        available = all_of(self._exclusion(exclude, num_prompts, device) if exclude is not None else None,
+                           prefix_constraint(self.index, allowed_prefixes) if allowed_prefixes is not None else None)
+        return node, available, self._beams(*self._left_pad(prompts, start_codes, device), width)
+
+    def _beams(self, ids, mask, pos, width):
+        state_class = _TreeBeams if self.prefill == "tree" else _CopiedBeams
+        return state_class(self.model.get_decoder(), ids, mask, pos, width, self.prefill == "per_beam")
+
+    def _rows_per_chunk(self, width: int) -> int | None:
+        return None if self.row_budget is None else max(1, self.row_budget // width)
+
+    def _validate(self, prompts, start_codes, exclude, allowed_prefixes) -> torch.Tensor:
+        """Check every input once, before any chunk runs (host syncs allowed); returns start_codes [B, l0]."""
+        start_codes = self._check_inputs(prompts, start_codes, exclude, self.index.device)
+        if start_codes.shape[1]:
+            node = self.index.nodes_of_prefix(start_codes)
+            if bool((node < 0).any()):
+                bad = int((node < 0).nonzero()[0, 0])
+                raise ValueError(f"start_codes row {bad} = {start_codes[bad].tolist()} is the start of no catalogue "
+                                 "item")
+        if allowed_prefixes is not None:
+            check_allowed_prefixes(self.index, allowed_prefixes, len(prompts), start_codes)
+        return start_codes
+
+    def _search(self, beams, node, start_codes, available, stop_level=None) -> DecodeResult | PrefixResult:
         """The level loop: device work only, no host sync (no .item(), .tolist(), bool(tensor), nonzero); checked by
-        tests/test_decoding.py::test_no_host_sync_in_the_level_loop."""
+        tests/test_decoding.py::test_no_host_sync_in_the_level_loop. Stops after level ``stop_level`` - 1 (default
+        L; a partial decode returns prefixes)."""
+        stop = self.index.num_levels if stop_level is None else stop_level
         num_prompts, width = start_codes.shape[0], self.beam_width
         device = node.device
         hidden = beams.hidden  # [B, H] last prompt position
@@ -187,12 +302,13 @@ class ConstrainedDecoder:
         beam_scores = torch.zeros(num_prompts, device=device)  # [B] one live beam per prompt before level l0
         codes_so_far = start_codes.new_empty(num_prompts, 0)  # [R, l]
         step_logprobs = torch.zeros(num_prompts, 0, device=device)  # [R, l]
-        for level in range(start_codes.shape[1], self.index.num_levels):
+        for level in range(start_codes.shape[1], stop):
             beams_in = node.shape[0] // num_prompts  # 1 on the first decoded level, W after
             logits, norm_lse, offset = self._level_logits(hidden, level)
             allowed = self.index.allowed_codes(level, node)  # [R, K_l]
-            if available is not None:
-                allowed &= available(level, node, beams_in)
+            mask = None if available is None else available(level, node, beams_in)
+            if mask is not None:
+                allowed &= mask
             k = min(width, allowed.shape[1])
             step = self._step(logits, allowed, beam_scores, k, norm_lse, offset)
             cand_scores = step.topk_scores.view(num_prompts, beams_in, k)  # [B, beams_in, k]
@@ -209,8 +325,11 @@ class ConstrainedDecoder:
             step_logprobs = torch.cat([step_logprobs[src], gained[:, None]], 1)
             codes_so_far = torch.cat([codes_so_far[src], codes.view(-1, 1)], 1)  # [B*W, l+1]
             beam_scores = new_scores
-            if level + 1 < self.index.num_levels:
+            if level + 1 < stop:
                 hidden = beams.feed(src, parent, self._code_tokens(level, codes.view(-1)))  # [B*W, H]
+        if stop < self.index.num_levels:
+            return finish_prefixes(self, node, beam_scores, codes_so_far, step_logprobs, start_codes, num_prompts,
+                                   width, self.top_k)
         return self._finish(node, beam_scores, codes_so_far, step_logprobs, start_codes, num_prompts)
 
     def _finish(self, node, beam_scores, codes_so_far, step_logprobs, start_codes, num_prompts) -> DecodeResult:
