@@ -1,5 +1,8 @@
 """DeepSpeedStrategy: the one object that talks to DeepSpeed (OpenRLHF-style). Recipes and the worker loop call
 ``prepare / backward / step / save_checkpoint / load_checkpoint / export_hf / all_reduce`` and never the engine.
+For RL it also hosts the frozen reference policy (``prepare_reference``), gathers ZeRO-3-partitioned weights for
+generation (``gathered_parameters``) and moves Python objects between ranks (``broadcast_object``,
+``all_gather_object``).
 
 Runs inside a Ray Train worker, whose torch.distributed group (gloo on CPU, nccl on GPU) DeepSpeed wraps.
 deepspeed is imported lazily so that importing this module stays cheap.
@@ -7,9 +10,11 @@ deepspeed is imported lazily so that importing this module stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,8 @@ from onerec_dist.training.engine_api import LRSchedule
 
 # DeepSpeed prints its throughput line every steps_per_print steps; the worker loop does its own logging.
 _NEVER = 10**12
+# Parameter dtypes of a reference policy (``reference_dtype``); fp16 needs CUDA, as for training.
+REFERENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def attn_implementation(device: torch.device | str | None = None) -> str:
@@ -72,10 +79,48 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
+class ReferencePolicy:
+    """The frozen policy an RL loss compares the actor to (the KL penalty of GRPO, OneRec-Think Sec. 4.3).
+
+    Called like the model (``reference(input_ids=..., attention_mask=...)``), always in eval mode under no_grad.
+    ``kind``:
+      * ``"engine"``: its own copy, an optimizer-less DeepSpeed ZeRO-3 engine (partitioned like the actor);
+      * ``"module"``: its own copy, a plain frozen module on this rank's device (ZeRO 0-2: weights are whole);
+      * ``"disabled_adapters"``: no copy: the LoRA actor with its adapters switched off (peft ``disable_adapter``),
+        i.e. the base model the adapters were put on.
+    """
+
+    KINDS = ("engine", "module", "disabled_adapters")
+
+    def __init__(self, model: Any, kind: str, dtype: torch.dtype):
+        if kind not in self.KINDS:
+            raise ValueError(f"ReferencePolicy kind={kind!r}; allowed: {', '.join(self.KINDS)}")
+        self.model, self.kind, self.dtype = model, kind, dtype  # model: engine, module, or the actor engine
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The bare module (the engine's ``module``; for disabled adapters, the peft actor)."""
+        return getattr(self.model, "module", self.model)
+
+    def __call__(self, **inputs: Any) -> Any:
+        with torch.no_grad():
+            if self.kind != "disabled_adapters":
+                return self.model(**inputs)
+            actor = self.module
+            was_training = actor.training
+            actor.eval()  # the actor may be mid-training: no dropout in reference log-probs
+            try:
+                with actor.disable_adapter():
+                    return self.model(**inputs)
+            finally:
+                actor.train(was_training)
+
+
 class DeepSpeedStrategy:
     def __init__(self, trainer: TrainerConfig, ds: DeepSpeedConfig):
         self.trainer, self.ds = trainer, ds
         self.engine = None
+        self.reference: ReferencePolicy | None = None
         self.device = torch.device("cpu")
 
     # ---- process group ----------------------------------------------------------------------------------------
@@ -116,6 +161,28 @@ class DeepSpeedStrategy:
         if dist.is_initialized():
             dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out.cpu()
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """``obj`` of rank ``src`` on every rank (pickled; e.g. rollout prompts chosen on rank 0). Identity when
+        there is one rank."""
+        self._check_src(src)
+        if self.world_size == 1:
+            return obj
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank (pickled; e.g. per-rank rewards for logging)."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _check_src(self, src: int) -> None:
+        if not 0 <= src < self.world_size:
+            raise ValueError(f"src={src} is not a rank: the world has ranks 0..{self.world_size - 1}")
 
     # ---- engine -----------------------------------------------------------------------------------------------
     def deepspeed_config(self) -> dict[str, Any]:
@@ -185,6 +252,91 @@ class DeepSpeedStrategy:
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
+    # ---- reference policy and generation ----------------------------------------------------------------------
+    def reference_deepspeed_config(self, dtype: str) -> dict[str, Any]:
+        """ZeRO-3 inference config of the reference engine: no optimizer, no gradients (OpenRLHF's
+        ``get_eval_ds_config``); the partitioning knobs and parameter offload follow the actor's ``deepspeed``."""
+        ds = self.ds
+        zero: dict[str, Any] = {"stage": 3, "stage3_prefetch_bucket_size": ds.stage3_prefetch_bucket_size,
+                                "stage3_param_persistence_threshold": ds.stage3_param_persistence_threshold,
+                                "stage3_max_live_parameters": ds.stage3_max_live_parameters}
+        if ds.offload_param != "none":
+            zero["offload_param"] = {"device": ds.offload_param, "pin_memory": self.trainer.use_gpu}
+        # DeepSpeed requires batch sizes even without an optimizer; they are never used (no train step).
+        return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                "train_batch_size": self.world_size, "zero_optimization": zero,
+                "bf16": {"enabled": dtype == "bf16"}, "fp16": {"enabled": dtype == "fp16"},
+                "steps_per_print": _NEVER, "wall_clock_breakdown": False}
+
+    def prepare_reference(self, model: torch.nn.Module | None = None, dtype: str | None = None) -> ReferencePolicy:
+        """Host the frozen reference policy; returns it (also kept as ``self.reference``).
+
+        ``model``: a copy of the initial policy, built like the actor (same seed or checkpoint) before it trains.
+        Under ZeRO-3 it becomes an optimizer-less DeepSpeed engine, partitioned like the actor (OpenRLHF's
+        ``_ds_init_eval_model``); under ZeRO 0-2 a plain frozen module on this rank's device. ``model=None``: the
+        reference is the LoRA actor (``prepare`` first) with its adapters disabled, so no second copy exists.
+        ``dtype`` (reference_dtype): "fp32" | "bf16" | "fp16"; default trainer.precision. A disabled-adapter
+        reference shares the actor's weights, hence its dtype.
+        """
+        dtype = dtype or self.trainer.precision
+        if dtype not in REFERENCE_DTYPES:
+            raise ValueError(f"reference_dtype={dtype!r}; allowed values: {', '.join(REFERENCE_DTYPES)}")
+        if dtype == "fp16" and not self.trainer.use_gpu:
+            raise ValueError("reference_dtype='fp16' needs trainer.use_gpu=true; use bf16 or fp32 on CPU")
+        if model is None:
+            self.reference = self._disabled_adapter_reference(dtype)
+            return self.reference
+        model.requires_grad_(False)
+        if self.ds.zero_stage == 3:
+            import deepspeed
+
+            engine, _, _, _ = deepspeed.initialize(model=model, config=self.reference_deepspeed_config(dtype),
+                                                   dist_init_required=False)
+            engine.eval()
+            self.reference = ReferencePolicy(engine, "engine", REFERENCE_DTYPES[dtype])
+        else:
+            model.to(device=self.device, dtype=REFERENCE_DTYPES[dtype]).eval()
+            self.reference = ReferencePolicy(model, "module", REFERENCE_DTYPES[dtype])
+        return self.reference
+
+    def _disabled_adapter_reference(self, dtype: str) -> ReferencePolicy:
+        if self.engine is None:
+            raise ValueError("a LoRA reference (prepare_reference(model=None)) is the actor with its adapters "
+                             "disabled: call prepare(actor, ...) first")
+        if not hasattr(getattr(self.engine, "module", self.engine), "disable_adapter"):
+            raise ValueError("prepare_reference(model=None) needs a LoRA (peft) actor; for full fine-tuning pass a "
+                             "copy of the initial model")
+        if dtype != self.trainer.precision:
+            raise ValueError(f"reference_dtype={dtype!r} differs from trainer.precision={self.trainer.precision!r}, "
+                             "but a LoRA reference is the actor itself; give a separate model for another dtype")
+        return ReferencePolicy(self.engine, "disabled_adapters", REFERENCE_DTYPES[dtype])
+
+    @contextlib.contextmanager
+    def gathered_parameters(self, model: Any = None) -> Iterator[torch.nn.Module]:
+        """Yield the bare module of ``model`` (default: the actor engine; or a ReferencePolicy / engine) with whole
+        weights, in eval mode, for HF ``generate`` and the constrained decoder; the training mode is restored after.
+
+        Under ZeRO-3 the parameters are all-gathered once (``deepspeed.zero.GatheredParameters``, read-only) and the
+        engine's per-module fetch/release hooks are removed for the duration, so generation's many small forwards
+        neither re-gather nor release weights (DeepSpeed's ``unwrap_model_for_generation``, TRL's
+        ``unwrap_model_for_generation``); they are put back even when generation raises. Every rank must enter it
+        (the gather is a collective). Below ZeRO-3 the weights are whole already: no gather.
+        """
+        engine = self.engine if model is None else model.model if isinstance(model, ReferencePolicy) else model
+        if engine is None:
+            raise ValueError("gathered_parameters: no model given and no actor prepared (call prepare first)")
+        module = getattr(engine, "module", engine)
+        was_training = module.training
+        module.eval()
+        try:
+            if _is_zero3_partitioned(module):
+                with _zero3_generation_context(engine):
+                    yield module
+            else:
+                yield module
+        finally:
+            module.train(was_training)
+
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def save_checkpoint(self, ckpt_dir: str | Path, tag: str, client_state: dict[str, Any],
                         metadata: dict[str, Any]) -> None:
@@ -241,6 +393,33 @@ class DeepSpeedStrategy:
             if tokenizer is not None:
                 tokenizer.save_pretrained(out_dir)
         self.barrier()
+
+
+def _is_zero3_partitioned(module: torch.nn.Module) -> bool:
+    """True when DeepSpeed ZeRO-3 manages ``module``'s parameters (they carry a ``ds_id``)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+@contextlib.contextmanager
+def _zero3_generation_context(engine: Any) -> Iterator[None]:
+    """Whole weights of a ZeRO-3 engine, its module hooks off (see ``DeepSpeedStrategy.gathered_parameters``)."""
+    import deepspeed
+
+    if getattr(engine, "optimizer", None) is None:
+        raise ValueError("gathered_parameters needs the DeepSpeed engine of a ZeRO-3 model, not its bare module")
+    # Training engine: the ZeRO-3 optimizer owns the offload object; inference engine: it is the optimizer.
+    offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)
+    module = engine.module
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        for param in module.parameters():  # stale bookkeeping would keep weights live after the hooks return
+            param.ds_active_sub_modules.clear()
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(module)  # DeepSpeed >= 0.16.4 (earlier: _register_hooks_recursively)
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
