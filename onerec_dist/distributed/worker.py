@@ -29,6 +29,7 @@ from onerec_dist.distributed.strategy import DeepSpeedStrategy, count_parameters
 from onerec_dist.training.batching import DistributedBatchSampler, sequence_lengths, task_names, validate_examples
 from onerec_dist.training.config import DeepSpeedConfig, TrainerConfig, peak_flops_per_worker
 from onerec_dist.training.engine_api import TrainJob
+from onerec_dist.training.flops import training_flops_per_token
 
 EXPORT_DIR = "export"
 STAGING_DIR = "checkpoint_staging"
@@ -178,6 +179,7 @@ def run_one(config: dict[str, Any], publish: str, resume_dir: str | Path | None)
     pad_id = getattr(tokenizer, "pad_token_id", None)
     loop = _Loop(job, trainer, strategy, engine, sampler, examples, tasks, 0 if pad_id is None else int(pad_id),
                  output_dir, num_params, fingerprint, publish)
+    loop.flops_per_token = training_flops_per_token(model, sequence_lengths(examples))  # 4N + 2N_train + attention
     logger = RankZeroLogger(trainer, output_dir, strategy.rank, state["step"],
                             {"trainer": asdict(trainer), "deepspeed": asdict(ds)})
     try:
@@ -273,14 +275,14 @@ class _Loop:
         seconds = time.perf_counter() - started
         per_worker = tokens / strategy.world_size / seconds if seconds > 0 else 0.0
         return {"resumed_from_step": start_step, "tokens": int(tokens), "seconds": round(seconds, 3),
-                "tokens_per_s_per_worker": per_worker, "mfu": 6 * self.num_params * per_worker / self.peak_flops,
+                "tokens_per_s_per_worker": per_worker, "mfu": self.flops_per_token * per_worker / self.peak_flops,
                 "peak_flops_per_worker": self.peak_flops, "step_timings": self.step_timings}
 
     def _log_row(self, step: int, loss: float, interval: torch.Tensor, seconds: float) -> dict[str, Any]:
         n = len(self.tasks)
         per_worker = float(interval[2]) / self.strategy.world_size / max(seconds, 1e-9)
         row = {"step": step, "loss": loss, "lr": self.strategy.lr(), "grad_norm": self.strategy.grad_norm(),
-               "tokens_per_s_per_worker": per_worker, "mfu": 6 * self.num_params * per_worker / self.peak_flops}
+               "tokens_per_s_per_worker": per_worker, "mfu": self.flops_per_token * per_worker / self.peak_flops}
         for i, task in enumerate(self.tasks):
             count = float(interval[3 + n + i])
             row[f"loss/{task}"] = float(interval[3 + i]) / count if count else None

@@ -20,9 +20,7 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 # torch.cuda.get_device_name().
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0,
                    "V100": 125.0, "T4": 65.0}
-# One CPU core with AVX2 FMA at ~3 GHz peaks at ~0.1 TFLOP/s fp32 (2 FMA units x 8 lanes x 2 flops x 3e9); a rough
-# default so that the MFU column means something on laptops and CI. Set trainer.peak_tflops for real numbers.
-CPU_PEAK_TFLOPS_PER_CORE = 0.1
+# CPUs have no such table: their peak is measured (onerec_dist.training.flops.measured_matmul_peak_flops).
 # Ray adds ~65 characters (session_<date>_<time>_<pid>/sockets/plasma_store) under its temp dir; sockets < 107 bytes.
 MAX_RAY_TEMP_DIR_LEN = 40
 
@@ -191,11 +189,14 @@ def check_resources(trainer: TrainerConfig, *, gpus: float, cpus: float) -> None
 
 
 def peak_flops_per_worker(trainer: TrainerConfig, device_name: str | None) -> float:
-    """Peak FLOP/s of one worker for the MFU estimate: trainer.peak_tflops, else a table / CPU rough default."""
+    """Peak FLOP/s of one worker for the MFU estimate: trainer.peak_tflops, else the GPU table, else a GEMM measured
+    on this CPU in the training precision (onerec_dist.training.flops)."""
     if trainer.peak_tflops is not None:
         return trainer.peak_tflops * 1e12
     if device_name:
         for key, tflops in GPU_PEAK_TFLOPS.items():
             if key in device_name:
                 return tflops * 1e12
-    return CPU_PEAK_TFLOPS_PER_CORE * trainer.cpus_per_worker * 1e12
+    from onerec_dist.training.flops import measured_matmul_peak_flops
+
+    return measured_matmul_peak_flops("cpu", trainer.precision)

@@ -118,6 +118,7 @@ def restrict_rows(param: torch.nn.Parameter, rows: Sequence[int] | torch.Tensor)
         return grad.masked_fill(frozen, 0.0)  # masked_fill, not *0: an inf/nan gradient must not leak as nan
 
     param.requires_grad_(True)
+    param.trainable_rows = int(mask.sum())  # read by onerec_dist.training.flops (MFU counts these rows' gradients)
     return param.register_hook(zero_other_rows)
 
 
