@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -29,11 +29,14 @@ from onerec_dist.training.config import (
 )
 from onerec_dist.training.engine_api import (
     LRSchedule,
+    StepContext,
+    StepSource,
     TrainJob,
     causal_lm_loss,
     count_loss_tokens,
     default_param_groups,
     row_restricted_group,
+    sampler_step_source,
 )
 
 VOCAB = 64
@@ -44,14 +47,16 @@ PROBE = [[3, 4, 5, 6, 7, 8, 9, 10]]
 
 
 @dataclass
-class ToyJob(TrainJob):
-    """Tiny Qwen3 on sequences s, s+1, s+2, ... (mod VOCAB); tasks 'even' / 'odd' by the first token."""
+class ToyJob:
+    """A TrainJob (a Protocol: no engine base class). Tiny Qwen3 on sequences s, s+1, s+2, ... (mod VOCAB); tasks
+    'even' / 'odd' by the first token. ``data_dir``: read the same examples from Arrow shards (memory-mapped)."""
 
     n_examples: int = 40
     intermediate: int = 64
     trainable_rows: tuple[int, ...] = ()
     with_tokenizer: bool = False
     fail_once_marker: str = ""     # rank 0 raises at its 5th loss call unless this file exists (then creates it)
+    data_dir: str = ""
 
     def build_model(self):
         from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -73,9 +78,20 @@ class ToyJob(TrainJob):
             out.append({"input_ids": ids, "labels": labels, "task": "even" if start % 2 == 0 else "odd"})
         return out
 
+    def step_source(self, ctx: StepContext) -> StepSource:
+        from onerec_dist.training.shards import ShardedExamples
+
+        return sampler_step_source(ShardedExamples(self.data_dir) if self.data_dir else self.examples(), ctx)
+
+    def loss_units(self, batch):
+        return count_loss_tokens(batch["labels"])
+
+    def save_model_extras(self, model_dir):
+        pass
+
     def configure_trainable(self, model, weight_decay):
         if not self.trainable_rows:
-            return super().configure_trainable(model, weight_decay)
+            return default_param_groups(model, weight_decay)
         for param in model.parameters():
             param.requires_grad_(False)
         return [row_restricted_group(model.get_input_embeddings().weight, list(self.trainable_rows))]
@@ -86,7 +102,7 @@ class ToyJob(TrainJob):
             if self.calls == 5 and torch.distributed.get_rank() == 0 and not os.path.exists(self.fail_once_marker):
                 Path(self.fail_once_marker).touch()
                 raise RuntimeError("injected failure at step 5")
-        return super().loss(model, batch)
+        return causal_lm_loss(model, batch)
 
     def final_metrics(self, model):
         probe = torch.tensor(PROBE)
@@ -115,12 +131,17 @@ def reference_losses(job: TrainJob, cfg: TrainerConfig) -> list[float]:
 
     A world-1 sampler with accumulation W x G groups exactly the global micro-batches the W ranks take per step.
     """
-    model, _ = job.build_model()
     examples = job.examples()
     tasks = task_names(examples)
     sampler = DistributedBatchSampler(sequence_lengths(examples), world_size=1, rank=0,
                                       grad_accum_steps=cfg.num_workers * cfg.grad_accum_steps,
                                       batch_size=cfg.micro_batch_size, seed=cfg.seed)
+    return reference_training(job, cfg, lambda: collate([examples[i] for mb in sampler.next_step() for i in mb], tasks))
+
+
+def reference_training(job: TrainJob, cfg: TrainerConfig, next_global_batch) -> list[float]:
+    """Single-process AdamW (+ clipping, schedule) on the batches ``next_global_batch()`` returns, one per step."""
+    model, _ = job.build_model()
     groups = job.configure_trainable(model, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay)
@@ -128,7 +149,7 @@ def reference_losses(job: TrainJob, cfg: TrainerConfig) -> list[float]:
         optimizer, LRSchedule(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps, cfg.min_lr / cfg.lr))
     losses = []
     for _ in range(cfg.max_steps):
-        batch = collate([examples[i] for mb in sampler.next_step() for i in mb], tasks)
+        batch = next_global_batch()
         loss = causal_lm_loss(model, batch).loss_sum / count_loss_tokens(batch["labels"])  # mean over loss tokens
         optimizer.zero_grad()
         loss.backward()
@@ -271,6 +292,87 @@ def test_attn_implementation_on_cpu_is_sdpa():
     assert attn_implementation("cpu") == "sdpa"
 
 
+def test_recipes_satisfy_the_protocols_without_inheriting():
+    from onerec_dist.training.align_job import AlignJob
+    from onerec_dist.training.batching import SamplerStepSource
+
+    assert isinstance(ToyJob(), TrainJob) and TrainJob not in ToyJob.__mro__
+    assert isinstance(AlignJob("init", "full", "data", [1, 2]), TrainJob) and TrainJob not in AlignJob.__mro__
+    ctx = StepContext(rank=1, world_size=2, trainer=trainer(), pad_token_id=0, model=None, tokenizer=None)
+    source = ToyJob().step_source(ctx)
+    assert isinstance(source, SamplerStepSource) and isinstance(source, StepSource)
+    assert source.task_names == ["even", "odd"]
+    # rank 1 takes the global micro-batches 1, 3, 5, ... of the plan (micro-batch size 4)
+    examples, batch = ToyJob().examples(), source.next_step()
+    plan = source.sampler.global_batches(0)
+    assert len(batch) == 1 and batch[0]["input_ids"].equal(collate([examples[i] for i in plan[1]], ["even", "odd"])["input_ids"])
+
+
+class CountingProducer:
+    """A producer StepSource (what RL rollouts will be): step k yields one micro-batch of 4 toy-language sequences
+    starting at tokens 4k .. 4k+3 (mod VOCAB), 8 tokens each, every token but the first carrying a loss."""
+
+    task_names = ("rollout",)
+
+    def __init__(self):
+        self.k = 0
+
+    def batch(self, k: int) -> dict:
+        rows = [[(4 * k + r + i) % VOCAB for i in range(8)] for r in range(4)]
+        return collate([{"input_ids": x, "labels": x, "task": "rollout"} for x in rows], self.task_names)
+
+    def next_step(self):
+        self.k += 1
+        return [self.batch(self.k - 1)]
+
+    def state_dict(self):
+        return {"k": self.k}
+
+    def load_state_dict(self, state):
+        self.k = state["k"]
+
+
+@dataclass
+class ProducerJob(ToyJob):
+    """ToyJob's model and loss, micro-batches from CountingProducer instead of a dataset."""
+
+    def step_source(self, ctx):
+        assert ctx.model is not None and ctx.world_size == 1  # a producer gets the engine's model to generate with
+        return CountingProducer()
+
+
+def test_a_producer_step_source_drives_the_training_loop(tmp_path, monkeypatch):
+    # run_one (the worker loop, no Ray) on one gloo rank, ZeRO-0: every step's micro-batch comes from the producer,
+    # so the losses equal single-process AdamW on the producer's batches 0..7; its state (k = 8) is checkpointed.
+    import socket
+
+    import torch.distributed as dist
+
+    from onerec_dist.distributed.worker import SUMMARY_FILE, run_one
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for var, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(var, value)
+    cfg = trainer(num_workers=1, checkpoint_every=STEPS, micro_batch_size=4)
+    try:
+        run_one({"job": ProducerJob(), "trainer": cfg, "deepspeed": DeepSpeedConfig(zero_stage=0),
+                 "output_dir": str(tmp_path)}, publish="directory", resume_dir=None)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
+    producer = CountingProducer()
+    expected = reference_training(ProducerJob(), cfg, lambda: producer.next_step()[0])
+    assert summary["losses"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert summary["tasks"] == ["rollout"] and summary["tokens"] == STEPS * 4 * 8
+    assert summary["loss_last"] < summary["loss_first"]
+    state = torch.load(Path(summary["checkpoint_dir"]) / "client_state" / "rank0.pt", weights_only=False)
+    assert state["step_source"] == {"k": STEPS}
+
+
 # ---- multi-process ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_session(tmp_path_factory):
@@ -297,8 +399,9 @@ RUNS = {  # name: (job, trainer overrides, deepspeed overrides)
     "zero2": (ToyJob(), {}, {"zero_stage": 2}),
     "zero3": (ToyJob(), {}, {"zero_stage": 3}),
     "zero2_accum": (ToyJob(), {"micro_batch_size": 1, "grad_accum_steps": 4}, {"zero_stage": 2}),
-    "stop3": (ToyJob(), {"max_steps": 3, "checkpoint_every": 3}, {"zero_stage": 2}),
-    "resume3": (ToyJob(), {"resume": "<stop3>"}, {"zero_stage": 2}),
+    # stop / resume read the examples from memory-mapped Arrow shards: the same losses as zero2's in-memory list
+    "stop3": (ToyJob(data_dir="<shards>"), {"max_steps": 3, "checkpoint_every": 3}, {"zero_stage": 2}),
+    "resume3": (ToyJob(data_dir="<shards>"), {"resume": "<stop3>"}, {"zero_stage": 2}),
     "rows_zero3": (ToyJob(trainable_rows=TRAINABLE_ROWS), {"weight_decay": 0.1, "lr": 1e-2}, {"zero_stage": 3}),
     "bf16_ckpt": (ToyJob(), {"precision": "bf16", "grad_checkpointing": True}, {"zero_stage": 2}),
     "tokens": (ToyJob(), {"batching": "tokens", "max_tokens": 48, "bucket_window": 16, "lr": 1e-2},
@@ -310,9 +413,14 @@ RUNS = {  # name: (job, trainer overrides, deepspeed overrides)
 def runs(ray_session, tmp_path_factory):
     from onerec_dist.distributed.ray_job import run_sequence
 
+    from onerec_dist.training.shards import write_examples
+
     root = tmp_path_factory.mktemp("seq")
+    write_examples(ToyJob().examples(), root / "shards", examples_per_shard=16)  # 3 shards: 16, 16, 8 examples
     specs = []
     for name, (job, t_over, ds_over) in RUNS.items():
+        if job.data_dir == "<shards>":
+            job = replace(job, data_dir=str(root / "shards"))
         t_over = dict(t_over)
         if str(t_over.get("resume", "")).startswith("<"):
             t_over["resume"] = str(root / t_over["resume"].strip("<>") / "checkpoints")

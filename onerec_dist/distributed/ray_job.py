@@ -24,6 +24,7 @@ from typing import Any
 
 from onerec_dist.distributed import checkpoint as ckpt
 from onerec_dist.distributed.worker import SUMMARY_FILE
+from onerec_dist.progress import terminal_mode
 from onerec_dist.training.config import DeepSpeedConfig, TrainerConfig, check_resources
 from onerec_dist.training.engine_api import TrainJob
 
@@ -48,7 +49,7 @@ def run_training(job: TrainJob, trainer: TrainerConfig, ds: DeepSpeedConfig, out
     storage = _storage_path(trainer, output_dir)
     name = _run_name(trainer, storage)
     loop_config = {"job": job, "trainer": trainer, "deepspeed": ds, "output_dir": str(output_dir),
-                   "resume_dir": str(resume_dir) if resume_dir else None}
+                   "resume_dir": str(resume_dir) if resume_dir else None, "progress": terminal_mode()}
     result = _launch(_train_worker_entry, loop_config, trainer, storage, name)
     summary = json.loads((output_dir / SUMMARY_FILE).read_text())
     summary["checkpoint_dir"] = result.checkpoint.path if result.checkpoint is not None else None
@@ -77,7 +78,8 @@ def run_sequence(runs: Sequence[tuple[TrainJob, TrainerConfig, DeepSpeedConfig, 
         out = _prepare_output_dir(output_dir)
         if trainer.resume_mode == "path":  # workers run in other directories: make the path absolute here
             trainer = replace(trainer, resume=str(Path(trainer.resume).expanduser().resolve()))
-        configs.append({"job": job, "trainer": trainer, "deepspeed": ds, "output_dir": str(out)})
+        configs.append({"job": job, "trainer": trainer, "deepspeed": ds, "output_dir": str(out),
+                        "progress": terminal_mode()})
     storage = _storage_path(first, Path(configs[0]["output_dir"]))
     name = f"sequence-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     _launch(_train_worker_sequence_entry, {"runs": configs}, replace(first, max_failures=0), storage, name)

@@ -2,7 +2,8 @@
 several trainings in one worker group), as a plain function ``run_one`` of the configs.
 
 One optimizer step of rank r:
-  1. take this rank's ``grad_accum_steps`` micro-batches from the sampler and collate them;
+  1. take this rank's ``grad_accum_steps`` collated micro-batches from the job's step source (the distributed
+     sampler over a memory-mapped dataset, or a producer such as RL rollouts; engine_api.StepSource);
   2. all-reduce the number of loss tokens N of the *global* batch (one all-reduce);
   3. for each micro-batch: loss_sum = job.loss(...).loss_sum; backward(loss_sum * world_size / N) (DeepSpeed
      averages gradients over ranks, so the world_size factor makes the gradient that of sum(loss_t) / N);
@@ -17,6 +18,7 @@ from __future__ import annotations
 import gc
 import json
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,23 +28,15 @@ import torch
 
 from onerec_dist.distributed.checkpoint import find_checkpoint
 from onerec_dist.distributed.strategy import DeepSpeedStrategy, count_parameters, seed_everything
-from onerec_dist.training.batching import DistributedBatchSampler, sequence_lengths, task_names, validate_examples
+from onerec_dist.progress import Progress
 from onerec_dist.training.config import DeepSpeedConfig, TrainerConfig, peak_flops_per_worker
-from onerec_dist.training.engine_api import TrainJob
+from onerec_dist.training.engine_api import StepContext, StepSource, TrainJob
 from onerec_dist.training.flops import training_flops_per_token
 
 EXPORT_DIR = "export"
 STAGING_DIR = "checkpoint_staging"
 CHECKPOINTS_DIR = "checkpoints"  # run_sequence's checkpoints (run_training's live in Ray's storage_path)
 SUMMARY_FILE = "train_summary.json"  # written by rank 0, read by run_training on the driver
-
-
-def make_sampler(trainer: TrainerConfig, lengths, world_size: int, rank: int) -> DistributedBatchSampler:
-    return DistributedBatchSampler(
-        lengths, world_size=world_size, rank=rank, grad_accum_steps=trainer.grad_accum_steps,
-        batch_size=trainer.micro_batch_size if trainer.batching == "examples" else None,
-        max_tokens=trainer.max_tokens if trainer.batching == "tokens" else None,
-        window=trainer.bucket_window, pad_to_multiple_of=trainer.pad_to_multiple_of, seed=trainer.seed)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -91,16 +85,19 @@ class PhaseTimer:
 
 
 class RankZeroLogger:
-    """tqdm progress bar and wandb (offline by default) on rank 0; silent elsewhere."""
+    """Progress and wandb (offline by default) on rank 0; silent elsewhere.
 
-    def __init__(self, trainer: TrainerConfig, output_dir: Path, rank: int, initial_step: int, config: dict):
+    ``progress`` (the driver's choice, onerec_dist.progress.terminal_mode): "bar" draws one live bar on the driver's
+    terminal through Ray's tqdm (a plain tqdm outside Ray); "lines" writes at most ~20 lines per run into the log.
+    """
+
+    def __init__(self, trainer: TrainerConfig, output_dir: Path, rank: int, initial_step: int, config: dict,
+                 progress: str = "lines"):
         self.enabled = rank == 0
         self.bar = self.run = None
         if not self.enabled:
             return
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=trainer.max_steps, initial=initial_step, desc="train", dynamic_ncols=True)
+        self.bar = _progress(progress, trainer.max_steps, initial_step)
         if trainer.wandb.mode != "disabled":
             import wandb
 
@@ -109,8 +106,7 @@ class RankZeroLogger:
 
     def step(self, loss: float) -> None:
         if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}")
+            self.bar.update(1, loss=f"{loss:.4f}")
 
     def log(self, row: dict[str, Any]) -> None:
         if self.run is not None:
@@ -121,6 +117,31 @@ class RankZeroLogger:
             self.bar.close()
         if self.run is not None:
             self.run.finish()
+
+
+class _RayBar:
+    """Ray's tqdm (drawn once by the driver, which receives the worker's updates), with Progress's update()."""
+
+    def __init__(self, total: int, initial: int):
+        from ray.experimental.tqdm_ray import tqdm
+
+        self.bar = tqdm(total=total, desc="train", unit="step")
+        self.bar.update(initial)
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        if postfix:
+            self.bar.set_description("train " + " ".join(f"{k}={v}" for k, v in postfix.items()))
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _progress(mode: str, total: int, initial: int):
+    ray = sys.modules.get("ray")
+    if mode == "bar" and ray is not None and ray.is_initialized():  # a Ray worker: its stdout is no terminal
+        return _RayBar(total, initial)
+    return Progress(total, "train", unit="step", mode=mode, initial=initial)
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -160,28 +181,27 @@ def run_one(config: dict[str, Any], publish: str, resume_dir: str | Path | None)
     strategy.setup_distributed()
     seed_everything(trainer.seed)  # identical initial weights on every rank
     model, tokenizer = job.build_model()
-    examples = list(job.examples())
-    validate_examples(examples)
-    tasks = task_names(examples)
-    sampler = make_sampler(trainer, sequence_lengths(examples), strategy.world_size, strategy.rank)
     param_groups = job.configure_trainable(model, trainer.weight_decay)
     num_params, trainable_params = count_parameters(model)
     engine = strategy.prepare(model, param_groups)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    source: StepSource = job.step_source(StepContext(strategy.rank, strategy.world_size, trainer,
+                                                     0 if pad_id is None else int(pad_id), engine, tokenizer))
+    tasks = list(source.task_names)
     fingerprint = {"zero_stage": ds.zero_stage, "precision": trainer.precision, "num_params": num_params,
                    "trainable_params": trainable_params}
 
     state: dict[str, Any] = {"step": 0, "losses": [], "log": []}
     if resume_dir is not None:
         client_state = strategy.load_checkpoint(resume_dir, fingerprint)
-        sampler.load_state_dict(client_state["sampler"])
+        source.load_state_dict(client_state["step_source"])
         state = client_state["state"]
 
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    loop = _Loop(job, trainer, strategy, engine, sampler, examples, tasks, 0 if pad_id is None else int(pad_id),
-                 output_dir, num_params, fingerprint, publish)
-    loop.flops_per_token = training_flops_per_token(model, sequence_lengths(examples))  # 4N + 2N_train + attention
+    loop = _Loop(job, trainer, strategy, engine, source, tasks, output_dir, num_params, fingerprint, publish)
+    # 4N + 2N_train + attention; a producer without planned lengths counts no attention
+    loop.flops_per_token = training_flops_per_token(model, getattr(source, "lengths", ()))
     logger = RankZeroLogger(trainer, output_dir, strategy.rank, state["step"],
-                            {"trainer": asdict(trainer), "deepspeed": asdict(ds)})
+                            {"trainer": asdict(trainer), "deepspeed": asdict(ds)}, config.get("progress", "lines"))
     try:
         run_stats = loop.train(state, logger)
     finally:
@@ -189,6 +209,8 @@ def run_one(config: dict[str, Any], publish: str, resume_dir: str | Path | None)
 
     export_dir = output_dir / EXPORT_DIR
     strategy.export_hf(engine, tokenizer, export_dir)
+    if strategy.is_rank0:
+        job.save_model_extras(export_dir)
     engine.eval()
     with torch.no_grad():
         final_metrics = job.final_metrics(engine)
@@ -209,10 +231,9 @@ def run_one(config: dict[str, Any], publish: str, resume_dir: str | Path | None)
 class _Loop:
     """Everything the step loop needs (kept as one object so train() stays short)."""
 
-    def __init__(self, job, trainer, strategy, engine, sampler, examples, tasks, pad_id, output_dir, num_params,
-                 fingerprint, publish):
+    def __init__(self, job, trainer, strategy, engine, source, tasks, output_dir, num_params, fingerprint, publish):
         self.job, self.trainer, self.strategy, self.engine = job, trainer, strategy, engine
-        self.sampler, self.examples, self.tasks, self.pad_id = sampler, examples, tasks, pad_id
+        self.source, self.tasks = source, tasks
         self.output_dir, self.num_params, self.fingerprint = output_dir, num_params, fingerprint
         self.publish, self.last_checkpoint = publish, None
         device_name = torch.cuda.get_device_name(strategy.device) if trainer.use_gpu else None
@@ -222,10 +243,9 @@ class _Loop:
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step; returns the all-reduced [loss_sum, loss_units, tokens, task_sums.., task_counts..]."""
-        t, strategy, timer = self.trainer, self.strategy, self.timer
+        strategy, timer = self.strategy, self.timer
         timer.start()
-        micro_batches = [self.job.collate([self.examples[i] for i in ids], self.tasks, self.pad_id,
-                                          t.pad_to_multiple_of) for ids in self.sampler.next_step()]
+        micro_batches = self.source.next_step()
         local_units = sum(self.job.loss_units(b) for b in micro_batches)
         global_units = float(strategy.all_reduce(torch.tensor([local_units]))[0])
         scale = strategy.world_size / max(global_units, 1.0)
@@ -295,7 +315,7 @@ class _Loop:
         name = f"checkpoint_step{step:08d}"
         staging = self.output_dir / STAGING_DIR / name / f"rank{rank}"
         shutil.rmtree(staging, ignore_errors=True)
-        self.strategy.save_checkpoint(staging, f"step{step}", {"sampler": self.sampler.state_dict(), "state": state},
+        self.strategy.save_checkpoint(staging, f"step{step}", {"step_source": self.source.state_dict(), "state": state},
                                       {**self.fingerprint, "step": step})
         if self.publish == "ray":
             import ray.train

@@ -26,7 +26,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 IGNORE_INDEX = -100
 
@@ -58,7 +57,16 @@ def sequence_lengths(examples: Sequence[Any]) -> np.ndarray:
 
 def task_names(examples: Sequence[Any]) -> list[str]:
     """Sorted task names: the index of a name is its ``task_id`` in collated batches."""
+    if hasattr(examples, "task_names"):  # a memory-mapped dataset knows them (shards module): no example is read
+        return list(examples.task_names)
     return sorted({_field(e, "task") for e in examples})
+
+
+def example_lengths(examples: Sequence[Any]) -> np.ndarray:
+    """[N] tokens per example; a memory-mapped dataset answers from its offsets without reading tokens."""
+    if hasattr(examples, "lengths"):
+        return np.asarray(examples.lengths, dtype=np.int64)
+    return sequence_lengths(examples)
 
 
 def padded_length(length: int, multiple: int) -> int:
@@ -193,6 +201,33 @@ class DistributedBatchSampler:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
+class SamplerStepSource:
+    """A StepSource (onerec_dist.training.engine_api) over a dataset: the sampler's index lists of the next step,
+    looked up in ``examples`` (a list, or memory-mapped ShardedExamples: only these examples' pages are read) and
+    collated. The state is the sampler's (epoch, position), so a resumed run takes exactly the same batches."""
+
+    def __init__(self, examples: Sequence[Any], sampler: DistributedBatchSampler, pad_token_id: int = 0,
+                 pad_to_multiple_of: int = 1):
+        if len(examples) != len(sampler.lengths):
+            raise ValueError(f"SamplerStepSource: {len(examples)} examples but the sampler plans {len(sampler.lengths)}")
+        if not hasattr(examples, "task_names"):  # a shard directory was validated when it was written
+            validate_examples(examples)
+        self.examples, self.sampler = examples, sampler
+        self.pad_token_id, self.pad_to_multiple_of = pad_token_id, pad_to_multiple_of
+        self.task_names = task_names(examples)
+        self.lengths = sampler.lengths  # [N] tokens per example (the engine's FLOP count reads them)
+
+    def next_step(self) -> list[dict[str, Any]]:
+        return [collate([self.examples[i] for i in ids], self.task_names, self.pad_token_id, self.pad_to_multiple_of)
+                for ids in self.sampler.next_step()]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+
 def collate(examples: Sequence[Any], task_names: Sequence[str], pad_token_id: int = 0,
             pad_to_multiple_of: int = 1) -> dict[str, Any]:
     """Right-pad examples into tensors.
@@ -200,6 +235,8 @@ def collate(examples: Sequence[Any], task_names: Sequence[str], pad_token_id: in
     Returns input_ids [B, L], labels [B, L] (-100 on padding), attention_mask [B, L] (1 = real token),
     task_ids [B] (index into task_names) and task_names (the tuple itself, for per-task metrics).
     """
+    import torch  # here, not at the top: shard-writing processes import this module and need no torch
+
     index = {name: i for i, name in enumerate(task_names)}
     width = padded_length(max(len(_field(e, "input_ids")) for e in examples), pad_to_multiple_of)
     batch_size = len(examples)
@@ -208,9 +245,9 @@ def collate(examples: Sequence[Any], task_names: Sequence[str], pad_token_id: in
     attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
     task_ids = torch.empty(batch_size, dtype=torch.long)
     for row, example in enumerate(examples):
-        ids = _field(example, "input_ids")
-        input_ids[row, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-        labels[row, :len(ids)] = torch.as_tensor(_field(example, "labels"), dtype=torch.long)
+        ids = _field(example, "input_ids")  # a list, or a read-only int32 view of a memory map (np.asarray copies)
+        input_ids[row, :len(ids)] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+        labels[row, :len(ids)] = torch.from_numpy(np.asarray(_field(example, "labels"), dtype=np.int64))
         attention_mask[row, :len(ids)] = 1
         task = _field(example, "task")
         if task not in index:

@@ -1,8 +1,15 @@
 """The contract between training recipes and the distributed engine (onerec_dist.distributed).
 
-A recipe subclasses :class:`TrainJob` and says *what* is trained: the model, which parameters (or rows of a
-parameter) move, the examples and the loss. The engine owns *how*: Ray workers, DeepSpeed ZeRO, micro-batching,
-gradient accumulation, checkpoints, logging and export. Recipes never touch the DeepSpeed engine.
+A recipe is any object that has the methods of :class:`TrainJob` (a ``typing.Protocol``: recipes do not inherit
+from the engine; the default behaviours are free functions here that a recipe's methods call). It says *what* is
+trained: the model, which parameters (or rows of a parameter) move, where the micro-batches come from and the loss.
+The engine owns *how*: Ray workers, DeepSpeed ZeRO, gradient accumulation, checkpoints, logging and export. A recipe
+sees the engine's model (the DeepSpeed engine, called like the module) in ``loss``, ``final_metrics`` and
+``StepContext.model``; it calls it forward, never steps or saves it.
+
+A loop gets each optimizer step's micro-batches from a :class:`StepSource`: the sampler over a file-backed (or
+in-memory) dataset (``sampler_step_source``), or a producer such as the RL recipe's rollouts. Its ``state_dict`` goes
+into every checkpoint, so a resumed run continues with the micro-batches the uninterrupted run would have taken.
 
 Loss normalisation. A job's ``loss`` returns the *sum* of per-token losses of one micro-batch; the engine divides by
 the number of loss tokens of the whole global batch (all micro-batches of all ranks of the step, one all-reduce per
@@ -20,14 +27,20 @@ Pure: torch only, no deepspeed / ray import.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from onerec_dist.training.batching import IGNORE_INDEX, collate
-from onerec_dist.training.config import LossConfig
+from onerec_dist.training.batching import (
+    IGNORE_INDEX,
+    DistributedBatchSampler,
+    SamplerStepSource,
+    example_lengths,
+)
+from onerec_dist.training.config import LossConfig, TrainerConfig
 from onerec_dist.training.loss import causal_lm_loss_sums
 
 
@@ -40,46 +53,90 @@ class LossOutput:
     task_counts: torch.Tensor   # [T] loss units per task
 
 
-class TrainJob:
-    """What to train. Subclass it in a module importable on every worker; instances are pickled to each Ray worker,
-    so keep them light (paths, small configs) and build heavy things in ``build_model`` / ``examples``.
+@dataclass(frozen=True)
+class StepContext:
+    """What the engine tells ``TrainJob.step_source`` on each rank (after the model was wrapped by DeepSpeed)."""
 
-    Every method runs on every rank and must be deterministic across ranks (same seed => same model and examples).
+    rank: int
+    world_size: int
+    trainer: TrainerConfig
+    pad_token_id: int
+    model: Any          # the engine's model (a rollout producer generates with it; forward only)
+    tokenizer: Any      # from build_model, or None
+
+
+@runtime_checkable
+class StepSource(Protocol):
+    """This rank's micro-batches, one optimizer step at a time.
+
+    ``next_step()`` returns the ``trainer.grad_accum_steps`` collated micro-batches (dicts of CPU tensors with at least
+    what the job's ``loss`` / ``loss_units`` read, plus ``attention_mask`` [B, L] for token counts and ``task_ids``
+    [B] indexing ``task_names``) of the next step. Every rank must take the same number of steps. ``state_dict``
+    (plain Python / tensors) is saved in each checkpoint and given back to ``load_state_dict`` on resume.
+    """
+
+    task_names: Sequence[str]
+
+    def next_step(self) -> list[dict[str, Any]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class TrainJob(Protocol):
+    """What to train. Implement it in a module importable on every worker; instances are pickled to each Ray worker,
+    so keep them light (paths, small configs; never the dataset: write it with onerec_dist.training.shards and keep
+    the directory) and build heavy things in ``build_model`` / ``step_source``.
+
+    Every method runs on every rank and must be deterministic across ranks (same seed => same model and data plan).
     """
 
     def build_model(self) -> tuple[torch.nn.Module, Any]:
         """Return (model, tokenizer or None). Called after the engine seeded python/numpy/torch with trainer.seed."""
-        raise NotImplementedError
+        ...
 
-    def examples(self) -> Sequence[Any]:
-        """Training examples: mappings/records with input_ids, labels (-100 = no loss) and task (batching module)."""
-        raise NotImplementedError
+    def step_source(self, ctx: StepContext) -> StepSource:
+        """This rank's micro-batches. Default for a dataset: ``sampler_step_source(examples, ctx)``."""
+        ...
 
     def configure_trainable(self, model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         """Set requires_grad and return optimizer param groups (torch style: params, optional weight_decay / lr).
-
-        Default: every parameter trains; matrices decay, vectors (norms, biases) do not (nanoGPT's grouping).
-        For row-restricted training use :func:`row_restricted_group`.
-        """
-        return default_param_groups(model, weight_decay)
-
-    def collate(self, examples: Sequence[Any], task_names: Sequence[str], pad_token_id: int,
-                pad_to_multiple_of: int) -> dict[str, Any]:
-        return collate(examples, task_names, pad_token_id, pad_to_multiple_of)
+        Default: ``default_param_groups``; row-restricted training: ``row_restricted_group``."""
+        ...
 
     def loss_units(self, batch: dict[str, Any]) -> int:
-        """Number of loss units (the normaliser) in a collated micro-batch, known before the forward pass."""
-        return count_loss_tokens(batch["labels"])
+        """Number of loss units (the normaliser) in a collated micro-batch, known before the forward pass.
+        Default: ``count_loss_tokens(batch["labels"])``."""
+        ...
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
-        """Default: next-token cross-entropy summed over label tokens (``loss_config``: trainer.loss, set by the
-        engine's worker; None = auto)."""
-        return causal_lm_loss(model, batch, getattr(self, "loss_config", None))
+        """The micro-batch's summed loss. Default: ``causal_lm_loss(model, batch, loss_config)``."""
+        ...
 
     def final_metrics(self, model: torch.nn.Module) -> dict[str, Any]:
         """Called on every rank after training, model in eval mode under no_grad (ZeRO-3: every rank must run the
         same forwards). Rank 0's JSON-able result lands in the run summary under ``final_metrics``."""
-        return {}
+        ...
+
+    def save_model_extras(self, model_dir: Path) -> None:
+        """Write what an exported model directory carries besides weights and tokenizer (e.g. ``sid_table.json``);
+        called on rank 0 after each export. A recipe with nothing to add does nothing."""
+        ...
+
+
+def sampler_step_source(examples: Sequence[Any], ctx: StepContext) -> SamplerStepSource:
+    """The default step source: ``examples`` (a list, or memory-mapped ``ShardedExamples``) cut into micro-batches
+    by the deterministic distributed sampler configured by ``ctx.trainer`` (batching, micro_batch_size / max_tokens,
+    bucket_window, pad_to_multiple_of, grad_accum_steps, seed), collated with ``ctx.pad_token_id``."""
+    t = ctx.trainer
+    sampler = DistributedBatchSampler(
+        example_lengths(examples), world_size=ctx.world_size, rank=ctx.rank, grad_accum_steps=t.grad_accum_steps,
+        batch_size=t.micro_batch_size if t.batching == "examples" else None,
+        max_tokens=t.max_tokens if t.batching == "tokens" else None,
+        window=t.bucket_window, pad_to_multiple_of=t.pad_to_multiple_of, seed=t.seed)
+    return SamplerStepSource(examples, sampler, ctx.pad_token_id, t.pad_to_multiple_of)
 
 
 def count_loss_tokens(labels: torch.Tensor) -> int:
