@@ -37,7 +37,8 @@ def _decode_shard(eval_cfg, model_dir: str, item_codes: np.ndarray, prompts, his
 def decode_sharded(eval_cfg, model_dir: str, item_codes, prompts, histories, batches) -> dict:
     """{batch number: (items, scores)} for every batch, computed on eval_cfg.num_workers Ray workers."""
     import ray
-    from tqdm import tqdm
+
+    from onerec_dist.progress import Progress
 
     ensure_ray()
     remote = ray.remote(num_cpus=1, num_gpus=1 if eval_cfg.use_gpu else 0)(_decode_shard)
@@ -45,7 +46,7 @@ def decode_sharded(eval_cfg, model_dir: str, item_codes, prompts, histories, bat
     numbers = [list(range(w, len(batches), eval_cfg.num_workers)) for w in range(eval_cfg.num_workers)]
     pending = [remote.remote(eval_cfg, model_dir, *shared, n) for n in numbers if n]
     merged: dict = {}
-    with tqdm(total=len(batches), desc=f"eval x{eval_cfg.num_workers} workers", unit="batch") as bar:
+    with Progress(len(batches), f"eval x{eval_cfg.num_workers} workers", unit="batch") as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             part = ray.get(done[0])
