@@ -7,14 +7,12 @@ instead of running. Stage modules are imported lazily so that `onerec --help` st
 
 from __future__ import annotations
 
-import importlib
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from onerec_dist.stages import STAGES
+from onerec_dist.stages.runner import run_stage
 
 CONF_DIR = Path(os.environ.get("ONEREC_CONF_DIR", Path(__file__).resolve().parents[1] / "conf"))
 
@@ -62,27 +60,26 @@ def _explain_override_error(message: str, overrides: list[str]) -> str:
     return message
 
 
-def write_outputs(output_dir: Path, cfg, summary: dict) -> None:
-    from omegaconf import OmegaConf
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tmp = output_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=False, default=str) + "\n")
-    tmp.replace(output_dir / "summary.json")  # atomic: a crash never leaves half a summary
+def _is_sid_override(override: str) -> bool:
+    key = override.split("=", 1)[0].lstrip("+~")
+    return key == "sid" or key.startswith("sid.")
 
 
-def run_stage(stage: str, cfg, output_dir: Path) -> dict:
-    """Run one stage into output_dir and write its config and summary; returns the summary."""
-    spec = STAGES[stage]
-    stage_fn = getattr(importlib.import_module(spec.module), spec.function)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    summary = stage_fn(cfg, output_dir)
-    summary.setdefault("seconds", round(time.perf_counter() - start, 3))
-    summary = {"stage": stage, **summary}
-    write_outputs(output_dir, cfg, summary)
-    return summary
+def mark_explicit_sid(cfg, overrides: list[str]):
+    """Fill ``explicit_sid_keys``: the sid.* keys the command line sets, by name or through a ``sid=<preset>``
+    choice (keys whose value differs from the composition without the sid overrides). A stage that starts from a
+    model carrying its own IDs only checks these against the model's table (onerec_dist.sid.model_ids)."""
+    from omegaconf import open_dict
+
+    sid_overrides = [o for o in overrides if _is_sid_override(o)]
+    if not sid_overrides:
+        return cfg
+    named = {o.split("=", 1)[0].lstrip("+~").split(".", 1)[1] for o in sid_overrides if "." in o.split("=", 1)[0]}
+    base = compose([o for o in overrides if not _is_sid_override(o)]).sid
+    changed = {k for k in cfg.sid if k not in base or cfg.sid[k] != base[k]}
+    with open_dict(cfg):
+        cfg.explicit_sid_keys = sorted(set(cfg.get("explicit_sid_keys") or []) | named | changed)
+    return cfg
 
 
 def usage() -> str:
@@ -117,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     apply_offline_defaults()
     try:
-        cfg = compose(rest)
+        cfg = mark_explicit_sid(compose(rest), rest)
         if print_cfg:
             from omegaconf import OmegaConf
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-from onerec_dist.config import require
+from onerec_dist.config import from_section, require
 from onerec_dist.data.types import Examples
 
 BASELINES = ("popular", "hf_generate")
@@ -53,6 +53,25 @@ class EvalConfig:
         require(self.model or bool(self.baseline), "eval.model", "false with no baseline: nothing to evaluate")
 
 
+def eval_config(cfg) -> EvalConfig:
+    """The validated ``eval`` section of a composed config."""
+    return from_section(EvalConfig, cfg, "eval")
+
+
+def build_decoder(model, item_tok, item_codes: np.ndarray, eval_cfg: EvalConfig, pad_token_id: int):
+    """The constrained beam-search decoder of ``eval_cfg`` over the catalogue's item codes [N, L]: the one place
+    decoders are built for evaluation (single process and Ray shards)."""
+    import torch
+
+    from onerec_dist.decoding.beam_search import ConstrainedDecoder
+    from onerec_dist.sid.prefix_index import PrefixIndex
+
+    codes = torch.as_tensor(item_codes)  # [N, L]
+    return ConstrainedDecoder(model, item_tok, PrefixIndex.build(codes, item_tok.codebook_sizes), eval_cfg.beam_width,
+                              eval_cfg.top_k, eval_cfg.normalization, eval_cfg.step_impl, pad_token_id,
+                              item_codes=codes)
+
+
 def build_prompts(tokenizer, examples: Examples, item_codes: np.ndarray) -> list[list[int]]:
     """Token ids of the next-item prompt of every user (the same rendering training uses)."""
     from onerec_dist.prompts import next_item_question, render_prompt
@@ -69,13 +88,15 @@ def length_batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]
 
 def decode_batches(decoder, prompts, histories, batches, exclude_history: bool, progress: bool = True):
     """Run the decoder over ``batches``; returns {batch index: (items [b, K], scores [b, K])} as numpy."""
-    from tqdm import tqdm
+    from onerec_dist.progress import Progress
 
     results = {}
-    for number, batch in enumerate(tqdm(batches, desc="eval", unit="batch", disable=not progress)):
-        exclude = [histories[i] for i in batch] if exclude_history else None
-        out = decoder.decode([prompts[i] for i in batch], exclude=exclude)
-        results[number] = (out.items.cpu().numpy(), out.scores.float().cpu().numpy())
+    with Progress(len(batches), "eval", unit="batch", mode=None if progress else "off") as bar:
+        for number, batch in enumerate(batches):
+            exclude = [histories[i] for i in batch] if exclude_history else None
+            out = decoder.decode([prompts[i] for i in batch], exclude=exclude)
+            results[number] = (out.items.cpu().numpy(), out.scores.float().cpu().numpy())
+            bar.update(1)
     return results
 
 

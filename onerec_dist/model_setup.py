@@ -1,5 +1,6 @@
 """Build the recommender LLM of a run: a checkpoint (any HF causal LM name or path) or a from-scratch model, with
-the item tokens of the run's semantic IDs in its vocabulary. Shared by `onerec align` and `onerec eval`."""
+the item tokens of the run's semantic IDs in its vocabulary, and the IDs a run takes from the model it starts from.
+Shared by `onerec align`, `onerec eval` and the stages after them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Literal
 
 import numpy as np
 
-from onerec_dist.config import from_mapping, require
+from onerec_dist.config import from_section, require
 from onerec_dist.data.types import InteractionData
 
 
@@ -29,9 +30,8 @@ class ModelConfig:
 
 
 def model_config(cfg) -> ModelConfig:
-    from omegaconf import OmegaConf
-
-    return from_mapping(ModelConfig, OmegaConf.to_container(cfg.model, resolve=True), "model")
+    """The validated ``model`` section of a composed config."""
+    return from_section(ModelConfig, cfg, "model")
 
 
 def tokenizer_corpus(data: InteractionData) -> list[str]:
@@ -51,6 +51,7 @@ def build_recommender(model_cfg: ModelConfig, data: InteractionData, codebook_si
     import torch
 
     from onerec_dist.models import build_tiny_model, build_tokenizer_from_corpus, load_pretrained
+    from onerec_dist.sid.model_ids import check_item_token_layout
     from onerec_dist.sid.tokens import ItemTokenizer, ItemTokenSpec
     from onerec_dist.sid.vocab import extend_vocabulary
 
@@ -63,6 +64,7 @@ def build_recommender(model_cfg: ModelConfig, data: InteractionData, codebook_si
             if item_tokenizer.codebook_sizes != spec.codebook_sizes:
                 raise ValueError(f"model.name_or_path={model_cfg.name_or_path} has item tokens for codebook sizes "
                                  f"{item_tokenizer.codebook_sizes}, but the semantic IDs use {spec.codebook_sizes}")
+            check_item_token_layout(model_cfg.name_or_path, item_tokenizer)
             return model, tokenizer, item_tokenizer
     else:
         tokenizer = build_tokenizer_from_corpus(tokenizer_corpus(data), model_cfg.tokenizer_vocab_size)
@@ -76,15 +78,13 @@ def build_recommender(model_cfg: ModelConfig, data: InteractionData, codebook_si
     return model, tokenizer, item_tokenizer
 
 
-def semantic_ids_for_run(cfg, data: InteractionData) -> tuple[np.ndarray, list[int]]:
-    """The run's item codes [N, L] and codebook sizes, per ``sid.*``: loaded (sid.source=file: the dataset's own
-    index or sid.index_path, e.g. the table `onerec sid` wrote; collisions resolved) or built from item text."""
-    from onerec_dist.stages.prepare import data_config
-    from onerec_dist.stages.sid import _Timer, build_from_file, build_from_text, sid_config
+def semantic_ids_for_run(cfg, data: InteractionData, model_dir: str | None) -> tuple[np.ndarray, list[int], str]:
+    """The item codes [N, L], codebook sizes and their source (in words) for a run that starts from ``model_dir``:
+    the model's own table when it carries one, checked against the ``sid.*`` keys listed in ``explicit_sid_keys``;
+    else the IDs ``sid.*`` gives (onerec_dist.sid.model_ids.load_model_ids)."""
+    from onerec_dist.data.config import data_config
+    from onerec_dist.sid.config import sid_config
+    from onerec_dist.sid.model_ids import load_model_ids
 
-    sid_cfg = sid_config(cfg)
-    if sid_cfg.source == "file":
-        codes, sizes, _ = build_from_file(data, data_config(cfg), sid_cfg, _Timer())
-    else:
-        codes, sizes, _ = build_from_text(data, sid_cfg, _Timer())
-    return codes, list(sizes)
+    explicit = list(cfg.get("explicit_sid_keys") or [])
+    return load_model_ids(model_dir, data, data_config(cfg), sid_config(cfg), explicit)

@@ -73,3 +73,32 @@ def test_import_is_light(heavy):
     code = ("import sys, onerec_dist, onerec_dist.cli, onerec_dist.metrics, onerec_dist.data.splits; "
             f"sys.exit(1 if {heavy!r} in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0, f"import pulled in {heavy}"
+
+
+def undocumented_lines(text: str) -> list[str]:
+    """Key lines of a config file without a comment line directly above them. Exempt: the Hydra ``defaults`` list and
+    ``# @package`` header (Hydra syntax, not settings) and list items of a block list (documented by their key)."""
+    lines, bad, in_defaults = text.splitlines(), [], False
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if line.startswith("defaults:"):
+            in_defaults = True
+            continue
+        if in_defaults and (stripped.startswith("- ") or not stripped):
+            in_defaults = bool(stripped)
+            continue
+        in_defaults = False
+        if not stripped or stripped.startswith("#") or stripped.startswith("- "):
+            continue
+        if i == 0 or not lines[i - 1].lstrip().startswith("#"):
+            bad.append(line)
+    return bad
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "conf").rglob("*.yaml")), ids=lambda p: str(p.relative_to(REPO)))
+def test_every_config_field_has_a_comment_above(path):
+    assert undocumented_lines(path.read_text()) == [], f"{path.relative_to(REPO)}: fields without a comment above"
+
+
+def test_comment_rule_catches_an_undocumented_field():
+    assert undocumented_lines("defaults:\n  - x\n  - _self_\n\n# A.\na: 1\nb: 2\n") == ["b: 2"]

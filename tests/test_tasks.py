@@ -494,10 +494,14 @@ def test_mixture_errors(world):
         build(num_examples=0)
     with pytest.raises(ValueError, match="max_length must be an int >= 2"):
         build(max_length=1)
-    # Without item text every caption is skipped: an empty task with ratio > 0 is an error naming it ...
+    # Without item text every caption is skipped: a ratio the user chose for it is an error naming the task ...
     bare = replace(data, catalogue=Catalogue.ids_only(data.catalogue.item_ids), personas={})
     with pytest.raises(ValueError, match="alignment task 'itemic_captioning' has ratio 0.0494 but no example"):
-        build_alignment_mixture(bare, train, codes, tokenizer, num_examples=10, max_length=256)
+        build_alignment_mixture(bare, train, codes, tokenizer, ratios=DEFAULT_RATIOS, num_examples=10,
+                                max_length=256)
+    with pytest.raises(ValueError, match="alignment task 'itemic_captioning' has ratio 0.1000 but no example"):
+        build_alignment_mixture(bare, train, codes, tokenizer, ratios={SEQUENTIAL: 0.9, CAPTIONING: 0.1},
+                                num_examples=10, max_length=256, explicit_ratios=[CAPTIONING])
     # ... and fine with ratio 0 (ratios of unselected tasks are ignored and reported).
     ratios = dict(DEFAULT_RATIOS, **{CAPTIONING: 0.0})
     examples, stats = build_alignment_mixture(bare, train, codes, tokenizer, ratios=ratios, num_examples=10,
@@ -512,3 +516,24 @@ def test_warmup_is_persona_only(world):
     assert {e.task for e in examples} == {PERSONA} and len(examples) == len(data.sequences)
     assert list(stats["tasks"]) == [PERSONA]
     assert all(e.labels == e.input_ids for e in examples)
+
+
+def test_text_free_catalogue_drops_default_text_tasks(world):
+    # An ID-only catalogue (Beauty-like) with the default ratios: captioning (no title / description anywhere) is
+    # dropped, the other three renormalised over 1 - 0.0494 = 0.9506: persona 0.2430 / 0.9506 = 0.25563, sequential
+    # 0.6573 / 0.9506 = 0.69146, general 0.0503 / 0.9506 = 0.05291. 100 examples by largest remainder: 25.563,
+    # 69.146, 5.291 -> floors 25, 69, 5 (99), the one left goes to the largest remainder .563 (persona): 26, 69, 5.
+    data, splits, codes, tokenizer, _ = world
+    bare = replace(data, catalogue=Catalogue.ids_only(data.catalogue.item_ids), personas={})
+    for ratios, explicit in ((None, None), (DEFAULT_RATIOS, [])):
+        examples, stats = build_alignment_mixture(bare, splits["train"], codes, tokenizer, ratios=ratios,
+                                                  num_examples=100, max_length=256, explicit_ratios=explicit)
+        assert list(stats["dropped_tasks"]) == [CAPTIONING] and "no item text" in stats["dropped_tasks"][CAPTIONING]
+        counts = {task: s["count"] for task, s in stats["tasks"].items()}
+        assert counts == {PERSONA: 26, SEQUENTIAL: 69, CAPTIONING: 0, GENERAL: 5}
+        assert stats["tasks"][PERSONA]["ratio"] == pytest.approx(0.2430 / 0.9506)
+        assert {e.task for e in examples} == {PERSONA, SEQUENTIAL, GENERAL}
+    # A catalogue with text keeps the paper's mixture and drops nothing.
+    _, stats = build_alignment_mixture(data, splits["train"], codes, tokenizer, num_examples=100, max_length=256)
+    assert stats["dropped_tasks"] == {} and stats["tasks"][CAPTIONING]["count"] == 5  # 0.0494 * 100 = 4.94 -> 5
+

@@ -83,6 +83,13 @@ def from_mapping(cls: type[T], mapping: Any, path: str = "") -> T:
     return cls(**kwargs)
 
 
+def from_section(cls: type[T], cfg: Any, key: str) -> T:
+    """Build dataclass ``cls`` from the section ``key`` of a composed Hydra config (interpolations resolved)."""
+    from omegaconf import OmegaConf
+
+    return from_mapping(cls, OmegaConf.to_container(cfg[key], resolve=True), key)
+
+
 def require(condition: bool, field: str, message: str) -> None:
     """Range checks in ``__post_init__``: raise a ValueError naming the field."""
     if not condition:

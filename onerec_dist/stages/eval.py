@@ -1,5 +1,8 @@
 """`onerec eval`: Recall@K / NDCG@K / validity / users/s of the model and the selected baselines on the test (or
-validation) users, by constrained beam search over the whole catalogue; per-user predictions to parquet."""
+validation) users, by constrained beam search over the whole catalogue; per-user predictions to parquet.
+
+The item IDs are those the model carries (``<model>/sid_table.json``, onerec_dist.sid.model_ids): ``sid.*`` settings
+given explicitly must give the same IDs, or the stage stops naming both sources."""
 
 from __future__ import annotations
 
@@ -7,13 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-from onerec_dist.config import from_mapping
+from onerec_dist.data.config import data_config
 from onerec_dist.data.splits import load_dataset, make_splits
+from onerec_dist.devices import resolve_device
 from onerec_dist.evaluation import (
-    EvalConfig,
     Stopwatch,
+    build_decoder,
     build_prompts,
     decode_batches,
+    eval_config,
     length_batches,
     merge_batches,
     most_popular,
@@ -21,21 +26,7 @@ from onerec_dist.evaluation import (
 )
 from onerec_dist.metrics import ranking_report
 from onerec_dist.model_setup import build_recommender, model_config, semantic_ids_for_run
-from onerec_dist.stages.prepare import data_config
-
-
-def eval_config(cfg) -> EvalConfig:
-    from omegaconf import OmegaConf
-
-    return from_mapping(EvalConfig, OmegaConf.to_container(cfg.eval, resolve=True), "eval")
-
-
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from onerec_dist.sid.model_ids import save_model_ids
 
 
 def run(cfg, output_dir: Path) -> dict:
@@ -48,11 +39,12 @@ def run(cfg, output_dir: Path) -> dict:
     if eval_cfg.max_users is not None:
         examples.users, examples.histories, examples.targets = (
             x[: eval_cfg.max_users] for x in (examples.users, examples.histories, examples.targets))
-    item_codes, sizes = semantic_ids_for_run(cfg, data)
+    model_cfg = model_config(cfg)
+    item_codes, sizes, ids_source = semantic_ids_for_run(cfg, data, model_cfg.name_or_path)
     targets = np.asarray(examples.targets)
     summary: dict = {"dataset": data.name, "split": eval_cfg.split, "num_users": len(examples),
                      "num_items": len(data.catalogue), "beam_width": eval_cfg.beam_width,
-                     "normalization": eval_cfg.normalization}
+                     "normalization": eval_cfg.normalization, "semantic_ids": ids_source}
     report_args = dict(num_items=len(data.catalogue), ks=eval_cfg.ks, ndcg_ks=eval_cfg.ndcg_ks)
     predictions = {}
     if "popular" in eval_cfg.baseline:
@@ -63,14 +55,14 @@ def run(cfg, output_dir: Path) -> dict:
                               "users_per_s": len(examples) / max(clock.seconds(), 1e-9)}
         predictions["popular"] = items
     if eval_cfg.model or "hf_generate" in eval_cfg.baseline:
-        model, tokenizer, item_tok = build_recommender(model_config(cfg), data, sizes, item_codes, seed=cfg.seed)
+        model, tokenizer, item_tok = build_recommender(model_cfg, data, sizes, item_codes, seed=cfg.seed)
         model.eval().to(resolve_device(eval_cfg.device))
         prompts = build_prompts(tokenizer, examples, item_codes)
         batches = length_batches(prompts, eval_cfg.batch_size)
         summary["avg_prompt_tokens"] = float(np.mean([len(p) for p in prompts]))
         if eval_cfg.model:
-            items, scores, seconds = decode_model(eval_cfg, model, tokenizer, item_tok, item_codes, prompts,
-                                                  examples.histories, batches, output_dir)
+            items, scores, seconds = decode_model(eval_cfg, model, tokenizer, item_tok, item_codes, data.catalogue,
+                                                  prompts, examples.histories, batches, output_dir)
             summary["model"] = {**ranking_report(items, targets, **report_args),
                                 "users_per_s": len(examples) / max(seconds, 1e-9), "seconds": seconds}
             predictions["model"] = items
@@ -91,12 +83,8 @@ def run(cfg, output_dir: Path) -> dict:
     return summary
 
 
-def decode_model(eval_cfg, model, tokenizer, item_tok, item_codes, prompts, histories, batches, output_dir):
-    from onerec_dist.decoding.beam_search import ConstrainedDecoder
-    from onerec_dist.sid.prefix_index import PrefixIndex
-
-    import torch
-
+def decode_model(eval_cfg, model, tokenizer, item_tok, item_codes, catalogue, prompts, histories, batches,
+                 output_dir):
     clock = Stopwatch()
     if eval_cfg.num_workers > 1:
         from onerec_dist.distributed.eval_shards import decode_sharded
@@ -104,25 +92,22 @@ def decode_model(eval_cfg, model, tokenizer, item_tok, item_codes, prompts, hist
         model_dir = output_dir / "eval_model"
         model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
+        save_model_ids(model_dir, item_codes, catalogue.item_ids, item_tok.codebook_sizes, item_tok)
         results = decode_sharded(eval_cfg, str(model_dir), item_codes, prompts, histories, batches)
     else:
-        codes = torch.as_tensor(item_codes)
-        decoder = ConstrainedDecoder(model, item_tok, PrefixIndex.build(codes, item_tok.codebook_sizes),
-                                     eval_cfg.beam_width, eval_cfg.top_k, eval_cfg.normalization,
-                                     eval_cfg.step_impl, tokenizer.pad_token_id or 0, item_codes=codes)
+        decoder = build_decoder(model, item_tok, item_codes, eval_cfg, tokenizer.pad_token_id or 0)
         results = decode_batches(decoder, prompts, histories, batches, eval_cfg.exclude_history)
     items, scores = merge_batches(results, batches, len(prompts), eval_cfg.top_k)
     return items, scores, clock.seconds()
 
 
 def decode_hf(eval_cfg, model, tokenizer, item_tok, item_codes, prompts, batches):
-    from tqdm import tqdm
-
     from onerec_dist.decoding.hf_baseline import hf_beam_search
+    from onerec_dist.progress import Progress
 
     clock = Stopwatch()
     results = {}
-    for number, batch in enumerate(tqdm(batches, desc="eval hf_generate", unit="batch")):
+    for number, batch in enumerate(Progress.iterate(batches, "eval hf_generate", unit="batch")):
         items, scores = hf_beam_search(model, item_tok, item_codes, [prompts[i] for i in batch],
                                        eval_cfg.beam_width, eval_cfg.top_k, tokenizer.pad_token_id or 0)
         results[number] = (items.numpy(), scores.numpy())

@@ -2,7 +2,8 @@
 
 All stages share the one composed config, so an override given to `pipeline` applies to every stage that reads
 that key. What a stage produces feeds the stages after it through ``HANDOFFS`` (e.g. `sid`'s table becomes
-``sid.index_path`` with ``sid.source=file``; the trained export becomes ``model.name_or_path``). The pipeline's own
+``sid.index_path`` with ``sid.source=file``, listed in ``explicit_sid_keys`` so that a stage starting from a model
+checks the model's own IDs against it; the trained export becomes ``model.name_or_path``). The pipeline's own
 summary.json holds each stage's summary under the stage's name, and is rewritten after every stage so a crash keeps
 what finished.
 """
@@ -33,7 +34,7 @@ HANDOFFS = {
 def run(cfg, output_dir: Path) -> dict:
     from omegaconf import OmegaConf, open_dict
 
-    from onerec_dist.cli import run_stage, write_outputs
+    from onerec_dist.stages.runner import run_stage, write_outputs
 
     stages = list(cfg.pipeline.stages)
     unknown = [s for s in stages if s not in STAGES or s == "pipeline"]
@@ -49,5 +50,8 @@ def run(cfg, output_dir: Path) -> dict:
         with open_dict(cfg):
             for key, value in updates.items():
                 OmegaConf.update(cfg, key, value, merge=False)
+            # A hand-off is an explicit setting: a later stage that takes a model carrying its own IDs checks them.
+            given = [k.split(".", 1)[1] for k in updates if k.startswith("sid.")]
+            cfg.explicit_sid_keys = sorted(set(cfg.get("explicit_sid_keys") or []) | set(given))
         write_outputs(output_dir, cfg, {"stage": "pipeline", **summary})
     return summary

@@ -4,15 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from onerec_dist.config import from_mapping
-from onerec_dist.data.config import DataConfig
+from onerec_dist.data.config import data_config
 from onerec_dist.data.splits import format_statistics, load_dataset, make_splits, statistics
-
-
-def data_config(cfg) -> DataConfig:
-    from omegaconf import OmegaConf
-
-    return from_mapping(DataConfig, OmegaConf.to_container(cfg.data, resolve=True), "data")
 
 
 def write_splits(splits, output_dir: Path) -> dict[str, str]:

@@ -3,36 +3,40 @@
 Stage 1, *token warm-up*: only the item-token rows of the input embedding (and of the output layer when it is not
 tied) train, on interleaved persona text; every other parameter stays bit-identical. Stage 2, *multi-task
 integration*: all weights, or LoRA adapters plus the item-token rows (peft ``trainable_token_indices``), on the
-four-task mixture. The driver builds the initial model once and saves it (``init_dir``), so every worker starts from
-the same weights and the warm-up's "nothing else changed" check has a reference.
+four-task mixture. The driver builds the initial model once and saves it (``init_dir``, with the item-ID table it is
+trained on), so every worker starts from the same weights, the warm-up's "nothing else changed" check has a
+reference, and the export carries the same IDs (``save_model_extras``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from onerec_dist.training.engine_api import TrainJob, default_param_groups, row_restricted_group
+from onerec_dist.training.config import LoraSettings
+from onerec_dist.training.engine_api import (
+    LossOutput,
+    StepContext,
+    StepSource,
+    causal_lm_loss,
+    count_loss_tokens,
+    default_param_groups,
+    row_restricted_group,
+    sampler_step_source,
+)
 
 
 @dataclass
-class LoraSettings:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                               "gate_proj", "up_proj", "down_proj"])
-
-
-@dataclass
-class AlignJob(TrainJob):
-    """``trainable``: item_rows (warm-up) | full | lora. ``examples_`` are built once by the driver."""
+class AlignJob:
+    """A TrainJob (engine_api). ``trainable``: item_rows (warm-up) | full | lora. ``data_dir``: the stage's examples,
+    tokenized once by the driver into Arrow shards (onerec_dist.training.shards) that every rank memory-maps."""
 
     init_dir: str
     trainable: str
-    examples_: list
+    data_dir: str
     item_token_ids: list[int]
     lora: LoraSettings | None = None
 
@@ -54,8 +58,25 @@ class AlignJob(TrainJob):
                             trainable_token_indices={embed_name: list(self.item_token_ids)})
         return get_peft_model(model, config)
 
-    def examples(self):
-        return self.examples_
+    def step_source(self, ctx: StepContext) -> StepSource:
+        from onerec_dist.training.shards import ShardedExamples
+
+        return sampler_step_source(ShardedExamples(self.data_dir), ctx)
+
+    def loss_units(self, batch: dict[str, Any]) -> int:
+        return count_loss_tokens(batch["labels"])
+
+    def loss(self, model, batch: dict[str, Any]) -> LossOutput:
+        return causal_lm_loss(model, batch, getattr(self, "loss_config", None))  # trainer.loss, set by the worker
+
+    def final_metrics(self, model) -> dict[str, Any]:
+        return {}
+
+    def save_model_extras(self, model_dir: Path) -> None:
+        """The export carries the initial model's item IDs (same tokenizer, so the same item-token layout)."""
+        from onerec_dist.sid.model_ids import copy_model_ids
+
+        copy_model_ids(self.init_dir, model_dir)
 
     def configure_trainable(self, model, weight_decay: float) -> list[dict[str, Any]]:
         if self.trainable == "full":

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from onerec_dist.config import from_mapping, require
+from onerec_dist.config import from_mapping, from_section, require
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
@@ -200,3 +200,52 @@ def peak_flops_per_worker(trainer: TrainerConfig, device_name: str | None) -> fl
     from onerec_dist.training.flops import measured_matmul_peak_flops
 
     return measured_matmul_peak_flops("cpu", trainer.precision)
+
+
+# ---- the `align` section (conf/align/default.yaml documents every field) -----------------------------------------
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class WarmupSettings:
+    lr: float | None = 1e-3
+    max_steps: int | None = None
+    num_examples: int | None = None
+
+
+@dataclass
+class MultitaskSettings:
+    trainable: Literal["full", "lora"] = "full"
+    lr: float | None = None
+    max_steps: int | None = None
+    num_examples: int | None = None
+    ratios: dict = field(default_factory=dict)
+    general_text_path: str | None = None
+    max_description_tokens: int = 64
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass
+class AlignConfig:
+    stage: Literal["warmup", "multitask"] = "warmup"
+    max_length: int = 512
+    max_history: int | None = None
+    max_persona_items: int | None = 20
+    verify_warmup: bool = True
+    warmup: WarmupSettings = field(default_factory=WarmupSettings)
+    multitask: MultitaskSettings = field(default_factory=MultitaskSettings)
+
+    def __post_init__(self) -> None:
+        require(self.max_length >= 16, "align.max_length", "must be >= 16")
+
+
+def align_config(cfg) -> AlignConfig:
+    """The validated ``align`` section of a composed config."""
+    return from_section(AlignConfig, cfg, "align")
+

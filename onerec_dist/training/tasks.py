@@ -26,7 +26,9 @@ Mixture (``build_alignment_mixture``): the paper's stage-2 proportions are 24.30
 sequential / captioning / general). Every task is built in full (its *pool*), counts per task are allocated by the
 largest-remainder method (sum = total exactly, each count within 1 of ratio x total), each pool is cycled (every
 example floor(c/n) times) plus a seeded draw without replacement for the remainder, and the result is shuffled.
-Everything is deterministic given the seed. Every truncation, skip and drop is counted in the stats.
+Everything is deterministic given the seed. Every truncation, skip and drop is counted in the stats. A catalogue
+without any item text (ID-only, e.g. Beauty) has no caption: a text task whose ratio was not chosen by the user
+(``explicit_ratios``) is then dropped, the other ratios renormalised, and ``stats["dropped_tasks"]`` says why.
 
 Every example is at most ``max_length`` tokens: sequential histories are truncated from the left (the answer is never
 cut), persona texts drop their oldest items, captions cut the description, general text is chunked.
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +65,10 @@ GENERAL = "general_text"
 TASKS = (PERSONA, SEQUENTIAL, CAPTIONING, GENERAL)
 # OneRec-Think Sec. 3.2, stage-2 data mixture (share of examples).
 DEFAULT_RATIOS = {PERSONA: 0.2430, SEQUENTIAL: 0.6573, CAPTIONING: 0.0494, GENERAL: 0.0503}
+# Tasks that cannot exist without item text (a caption is an item's title and description). Persona grounding is not
+# one: without text it is the user's item-ID sequence (plus the dataset's persona, if any), which the warm-up needs;
+# general text reads its own corpus.
+TEXT_TASKS = (CAPTIONING,)
 
 
 @dataclass
@@ -407,22 +413,43 @@ def _task_stats(ratio: float, pool: list[AlignmentExample], chosen: np.ndarray, 
             "skipped_or_truncated": report.as_dict()}
 
 
+def has_item_text(catalogue) -> bool:
+    """Whether any item has a title or a description (what a caption is made of)."""
+    return any(t.strip() for t in catalogue.titles) or any(d.strip() for d in catalogue.descriptions)
+
+
+def drop_text_tasks(probabilities: dict[str, float], explicit: Collection[str]) -> tuple[dict[str, float], dict]:
+    """For a catalogue without item text: ratios without the text tasks the user did not choose, renormalised, and
+    {dropped task: reason}. An explicitly chosen text task stays (and fails later for want of examples)."""
+    dropped = {t: "the catalogue has no item text (no title or description), so this task has no example; its "
+                  "default ratio was dropped and the others renormalised"
+               for t in TEXT_TASKS if probabilities.get(t, 0) > 0 and t not in explicit}
+    kept = sum(p for t, p in probabilities.items() if t not in dropped)
+    return {t: (0.0 if t in dropped else p / kept) for t, p in probabilities.items()}, dropped
+
+
 def build_alignment_mixture(data: InteractionData, train_examples: Examples, item_codes: np.ndarray, tokenizer,
                             ratios: Mapping[str, float] | None = None, num_examples: int | None = None,
                             max_length: int = 1024, seed: int = 0, general_text_path: str | None = None,
                             tasks: Sequence[str] | None = None, *, max_history: int | None = None,
-                            max_persona_items: int | None = None,
-                            max_description_tokens: int = 64) -> tuple[list[AlignmentExample], dict]:
+                            max_persona_items: int | None = None, max_description_tokens: int = 64,
+                            explicit_ratios: Collection[str] | None = None) -> tuple[list[AlignmentExample], dict]:
     """The stage-2 Itemic Alignment mixture (module docstring) and its stats.
 
     ``num_examples`` None = the smallest total at which every task's pool appears at least once
     (max over tasks of ceil(pool / ratio)). Tasks with ratio 0 are not built. Raises ValueError for a task with
     ratio > 0 and no example after filtering, and for bad ratios / task names (``resolve_ratios``).
+    ``explicit_ratios``: the tasks whose ratio the user chose (None = every task ``ratios`` names; with ``ratios``
+    None, none); on a catalogue without item text the other text tasks are dropped (``drop_text_tasks``).
 
     Stats: per task ratio, pool size, count, distinct examples, tokens, loss tokens, longest example and every
     skip / truncation with its reason; totals; ratios ignored because their task was not selected.
     """
     probabilities = resolve_ratios(ratios, tasks)
+    dropped: dict = {}
+    if not has_item_text(data.catalogue):
+        explicit = set(ratios or {}) if explicit_ratios is None else set(explicit_ratios)
+        probabilities, dropped = drop_text_tasks(probabilities, explicit)
     if num_examples is not None and (isinstance(num_examples, bool) or not isinstance(num_examples, int)
                                      or num_examples < 1):
         raise ValueError(f"num_examples must be an int >= 1 or None, got {num_examples!r}")
@@ -446,7 +473,7 @@ def build_alignment_mixture(data: InteractionData, train_examples: Examples, ite
 
     mixture: list[AlignmentExample] = []
     stats: dict = {"tasks": {}, "seed": seed, "max_length": max_length,
-                   "ignored_ratios": sorted(set(ratios or {}) - set(probabilities))}
+                   "ignored_ratios": sorted(set(ratios or {}) - set(probabilities)), "dropped_tasks": dropped}
     for task, ratio in probabilities.items():
         if task not in active:
             stats["tasks"][task] = _task_stats(0.0, [], np.zeros(0, dtype=np.int64), DropReport())
