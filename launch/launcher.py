@@ -64,7 +64,31 @@ def _job_spec(request: LaunchRequest, cfg: LaunchConfig, cwd: Path) -> jobs.JobS
     if cfg.k8s.volume_claim is not None and not os.path.isabs(spec.output_dir):
         overrides = [*spec.overrides, f"output_dir={cfg.k8s.mount_path.rstrip('/')}/{spec.output_dir}"]
         spec = jobs.JobSpec(spec.stage, tuple(jobs.normalise_overrides(overrides)))
+    _check_k8s_shared_storage(cfg, spec)
     return spec
+
+
+def _check_k8s_shared_storage(cfg: LaunchConfig, spec: jobs.JobSpec) -> None:
+    """Several pods write one run: Ray Train's checkpoints (trainer.storage_path, default output_dir/ray_results)
+    and the workers' outputs must land on storage every pod sees, else the driver finds no summary or checkpoint
+    (each pod has its own disk). One pod needs nothing shared."""
+    if cfg.resources.nodes == 1:
+        return
+    if cfg.k8s.volume_claim is None:
+        raise ValueError(f"k8s.volume_claim: a RayJob of {cfg.resources.nodes} nodes (resources.nodes) needs a "
+                         "volume every pod mounts for output_dir and Ray's checkpoint storage (each pod's own disk "
+                         "is invisible to the others); give k8s.volume_claim=<a ReadWriteMany PVC> (mounted at "
+                         "k8s.mount_path), or resources.nodes=1")
+    mount = cfg.k8s.mount_path.rstrip("/") + "/"
+    overrides = dict(o.split("=", 1) for o in spec.overrides)
+    paths = {"output_dir": spec.output_dir}
+    if overrides.get("trainer.storage_path") not in (None, "", "null"):
+        paths["trainer.storage_path"] = overrides["trainer.storage_path"]
+    for key, path in paths.items():
+        if "://" not in path and not (path.rstrip("/") + "/").startswith(mount):
+            raise ValueError(f"{key}: {path!r} is not on the shared volume mounted at k8s.mount_path={mount!r}; with "
+                             f"resources.nodes={cfg.resources.nodes} every pod must see it (use a relative output_dir, "
+                             f"a path under {mount}, or a URI such as s3://...)")
 
 
 def make_plan(request: LaunchRequest, cwd: Path | None = None) -> LaunchPlan:

@@ -247,6 +247,7 @@ def test_sbatch_renders_every_variable_and_passes_bash_n(tmp_path):
     # Optional directives disappear when unset; no GPU line for CPU nodes.
     cpu_script = render(plan_for(["slurm", "--", "onerec", "prepare"], tmp_path))
     assert "--gpus-per-node" not in cpu_script and "--partition" not in cpu_script and "--mem=" not in cpu_script
+    assert "--gpus-per-task" not in cpu_script and cpu_script.count("srun --nodes=1 --ntasks=1 --cpus-per-task=8 ") == 2
     assert subprocess.run(["bash", "-n"], input=cpu_script, text=True).returncode == 0
 
 
@@ -291,10 +292,13 @@ def test_sbatch_script_starts_head_then_workers_then_submits(tmp_path):
     records = [r.split("\x1f")[:-1] for r in calls.read_text().split("\x1e") if r]
     sruns = sorted(r for r in records if r[0] == "srun" and "ray" in r)
     assert sruns == sorted([
-        ["srun", "--nodes=1", "--ntasks=1", "-w", "node-a", "ray", "start", "--head", "--block",
+        # srun gets the node's CPUs and GPUs explicitly (SLURM >= 22.05 no longer passes sbatch's on to steps).
+        ["srun", "--nodes=1", "--ntasks=1", "--cpus-per-task=32", "--gpus-per-task=8", "-w", "node-a", "ray",
+         "start", "--head", "--block",
          "--node-ip-address=10.1.2.3", "--port=6379", "--dashboard-host=0.0.0.0", "--dashboard-port=8265",
          "--num-cpus=32", "--num-gpus=8", "--disable-usage-stats"],
-        *(["srun", "--nodes=1", "--ntasks=1", "-w", node, "ray", "start", "--block", "--address=10.1.2.3:6379",
+        *(["srun", "--nodes=1", "--ntasks=1", "--cpus-per-task=32", "--gpus-per-task=8", "-w", node, "ray", "start",
+           "--block", "--address=10.1.2.3:6379",
            "--num-cpus=32", "--num-gpus=8", "--disable-usage-stats"] for node in ("node-b", "node-c")),
     ])
     # It waits for the head alone, then for all 3 nodes.
@@ -341,6 +345,24 @@ def test_rayjob_manifest_has_the_fields_kuberay_requires(tmp_path):
         assert container["volumeMounts"] == [{"name": "outputs", "mountPath": "/outputs"}]
         assert group["template"]["spec"]["volumes"][0]["persistentVolumeClaim"] == {"claimName": "runs"}
     validate_rayjob(manifest)
+
+
+def test_multi_node_rayjob_needs_shared_storage(tmp_path):
+    base = ["k8s", "k8s.image=img", "resources.nodes=2"]
+    # Two pods, no shared volume: the driver would never see the workers' checkpoints -> refused, naming the field.
+    with pytest.raises(ValueError, match=r"k8s.volume_claim: a RayJob of 2 nodes .* needs a volume"):
+        plan_for([*base, "--", "onerec", "align", "output_dir=o"], tmp_path)
+    # A volume, but output_dir / Ray storage outside it: refused too.
+    with pytest.raises(ValueError, match=r"output_dir: '/data/o' is not on the shared volume"):
+        plan_for([*base, "k8s.volume_claim=runs", "--", "onerec", "align", "output_dir=/data/o"], tmp_path)
+    with pytest.raises(ValueError, match=r"trainer.storage_path: '/local/ray' is not on the shared volume"):
+        plan_for([*base, "k8s.volume_claim=runs", "--", "onerec", "align", "output_dir=o",
+                  "trainer.storage_path=/local/ray"], tmp_path)
+    # On the volume (relative output_dir goes under the mount) or a URI: accepted. One node needs nothing shared.
+    plan = plan_for([*base, "k8s.volume_claim=runs", "--", "onerec", "align", "output_dir=o",
+                     "trainer.storage_path=s3://bucket/ray"], tmp_path)
+    assert plan.job.output_dir == "/outputs/o"
+    assert plan_for(["k8s", "k8s.image=img", "--", "onerec", "align", "output_dir=/data/o"], tmp_path)
 
 
 def test_rayjob_cpu_only_single_node(tmp_path):
