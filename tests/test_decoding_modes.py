@@ -369,3 +369,52 @@ def test_bad_sampling_arguments():
     for temperature in (0.0, -1.0, math.inf):
         with pytest.raises(ValueError, match="temperature=.* must be a finite number > 0"):
             dec.sample(prompts, 2, temperature=temperature)
+
+
+def test_no_host_sync_in_the_new_level_loops(monkeypatch):
+    # As tests/test_decoding.py::test_no_host_sync_in_the_level_loop, for the allowed-prefix mask (inside _search),
+    # the partial decode and the sampling loop: no op that needs a device value on the host, outside the model.
+    from torch.overrides import TorchFunctionMode
+
+    from onerec_dist.decoding import beam_search
+
+    sync_ops = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy", "cpu",
+                "unique", "masked_select"}
+    model, _, _, _, codes, prompts = world()
+    dec = decoder(6, 4)
+    state = {"loop": False, "model": False, "syncs": [], "loops_run": 0}
+
+    class SyncRecorder(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", str(func))
+            boolean_index = name in ("__getitem__", "__setitem__") and any(
+                isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in args[1:2])
+            if state["loop"] and not state["model"] and (name in sync_ops or boolean_index):
+                state["syncs"].append(name)
+            return func(*args, **(kwargs or {}))
+
+    def flagged(fn, key):
+        def wrapper(*args, **kwargs):
+            state[key] = True
+            state["loops_run"] += key == "loop"
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                state[key] = False
+        return wrapper
+
+    body = model.get_decoder()
+    monkeypatch.setattr(model, "get_decoder", lambda: flagged(body, "model"))
+    monkeypatch.setattr(dec, "_search", flagged(dec._search, "loop"))
+    monkeypatch.setattr(beam_search, "stochastic_beam_search", flagged(beam_search.stochastic_beam_search, "loop"))
+    allowed = AllowedPrefixes.from_lists(random_prefix_sets(len(prompts), 2, seed=0))
+    with SyncRecorder():
+        dec.decode(prompts, allowed_prefixes=allowed, exclude=[[0], [], [1], [2]])
+        dec.decode_prefixes(prompts, 2, allowed_prefixes=allowed)
+        dec.sample(prompts, 5, generator=torch.Generator().manual_seed(0), allowed_prefixes=allowed)
+    assert state["syncs"] == [] and state["loops_run"] == 3
+    with SyncRecorder():  # the recorder does see syncs inside the loop
+        state["loop"] = True
+        codes.nonzero()
+        state["loop"] = False
+    assert state["syncs"] == ["nonzero"]
