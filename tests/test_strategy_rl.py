@@ -13,6 +13,7 @@ few AdamW steps (lr 1e-2) on "prompt <|item_begin|> item tokens" sequences.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import shutil
 from pathlib import Path
@@ -271,9 +272,9 @@ def _decode_on_zero3(strategy, export_dir: str) -> dict:
     after = _train_steps(strategy, engine, batch, 1)  # the re-registered hooks fetch weights for training again
     with torch.no_grad():
         moved = float((engine(**probe).logits.float() - exported_logits).abs().max())
-    return {"items": result.items, "scores": result.scores, "generated": generated, "ungathered_error": ungathered_error,
-            "gathered_numel": gathered_numel, "local_numel": local_numel, "loss_after_gather": after[0],
-            "moved_after_gather": moved}
+    return {"items": result.items, "scores": result.scores, "generated": generated,
+            "ungathered_error": ungathered_error, "gathered_numel": gathered_numel, "local_numel": local_numel,
+            "loss_after_gather": after[0], "moved_after_gather": moved}
 
 
 def rl_seams_worker(strategy, config) -> dict:
@@ -369,4 +370,4 @@ def test_zero3_decoding_under_the_gather_equals_the_consolidated_export(worker_r
         assert torch.equal(d["items"], expected.items)
         torch.testing.assert_close(d["scores"], expected.scores, rtol=0, atol=1e-5)
         assert torch.equal(d["generated"], generated)  # HF generate under the gather, greedy
-        assert d["loss_after_gather"] == d["loss_after_gather"] and d["moved_after_gather"] > 1e-4  # trains on
+        assert math.isfinite(d["loss_after_gather"]) and d["moved_after_gather"] > 1e-4  # training goes on
