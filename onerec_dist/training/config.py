@@ -121,11 +121,6 @@ class TrainerConfig:
     def resume_mode(self) -> Literal["auto", "never", "path"]:
         return self.resume if self.resume in ("auto", "never") else "path"
 
-    @property
-    def examples_per_micro_batch(self) -> int | None:
-        """Fixed number of examples per micro-batch, or None when batches are packed to a token budget."""
-        return self.micro_batch_size if self.batching == "examples" else None
-
 
 @dataclass
 class DeepSpeedConfig:
