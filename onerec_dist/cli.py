@@ -11,10 +11,12 @@ import os
 import sys
 from pathlib import Path
 
+from onerec_dist.conf_dir import find_conf_dir
 from onerec_dist.stages import STAGES
 from onerec_dist.stages.runner import run_stage
 
-CONF_DIR = Path(os.environ.get("ONEREC_CONF_DIR", Path(__file__).resolve().parents[1] / "conf"))
+# $ONEREC_CONF_DIR, else conf/ of this source tree, else the installed package data (onerec_dist/conf_dir.py).
+CONF_DIR = find_conf_dir()
 
 
 class UsageError(ValueError):
