@@ -36,6 +36,18 @@ Score normalisation (``normalization``):
 Exclusion (``exclude``, e.g. the user's history): an excluded item is never returned. It is enforced at every level
 by counting, per prefix node, the catalogue items below it minus the excluded ones; a prefix whose items are all
 excluded is masked, so beams never walk into a dead end.
+
+Modes beyond ``decode`` (same decoder, same output layer, prefix index and fused step; tests/test_decoding_modes.py
+checks each against brute-force enumeration of the catalogue):
+  * ``decode_prefixes(prompts, m)``: beam search over the first m levels, returning prefixes and scores
+    (Think-Ahead's offline part; partial.py);
+  * ``decode(..., allowed_prefixes=AllowedPrefixes)``: each row only below its own ragged set of m-level prefixes
+    (Think-Ahead's online completion; constraints.py); also combines with ``start_codes`` and ``exclude``;
+  * ``sample(prompts, K, temperature, generator)``: K distinct items drawn without replacement from the constrained
+    distribution by Stochastic Beam Search (Kool et al. 2019; sampling.py);
+  * ``score_items(prompts, items | codes)``: teacher-forced log-probs of given candidates (scoring.py);
+  * ``row_budget``: at most that many beam rows (prompts x width) per chunk; large batches (the B*G rationale
+    prefixes of a GRPO step) run as chunks of prompts of similar length, each with one prefill.
 """
 
 from __future__ import annotations
