@@ -71,7 +71,12 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-from onerec_dist.training.engine_api import TrainJob  # noqa: E402
+from onerec_dist.training.engine_api import (  # noqa: E402
+    causal_lm_loss,
+    count_loss_tokens,
+    default_param_groups,
+    sampler_step_source,
+)
 
 PRESET_VOCAB = {"tiny": 1024, "small": 4096, "qwen3-0.6b": 151_936}  # 151,936: Qwen3's published vocab_size
 QUICK = {"workers": "1,2", "zero_stages": "0,2,3", "micro_batches": "4", "warmup_steps": 3, "steps": 10}
@@ -271,8 +276,9 @@ class _VocabOnly:
 
 
 @dataclass
-class SyntheticLMJob(TrainJob):
-    """A Qwen3 of ``preset`` on uniform random tokens; snapshots comms and peak memory at every step's forward.
+class SyntheticLMJob:
+    """A TrainJob (engine_api protocol): a Qwen3 of ``preset`` on uniform random tokens; snapshots comms and peak
+    memory at every step's forward.
 
     Snapshot k is taken when step k's forward starts, so snapshot k+1 - snapshot k is exactly step k (forward,
     backward, optimizer); the last step and the export after it fall outside every interval.
@@ -300,10 +306,22 @@ class SyntheticLMJob(TrainJob):
         ids = rng.integers(3, self.vocab_size, size=(self.n_examples, self.seq_len)).tolist()
         return [{"input_ids": row, "labels": row, "task": "lm"} for row in ids]
 
+    def step_source(self, ctx):
+        return sampler_step_source(self.examples(), ctx)
+
+    def configure_trainable(self, model, weight_decay):
+        return default_param_groups(model, weight_decay)
+
+    def loss_units(self, batch):
+        return count_loss_tokens(batch["labels"])
+
+    def save_model_extras(self, model_dir):
+        pass
+
     def loss(self, model, batch):
         self._snapshots.append(comm_totals())
         self._memory.append(peak_memory_bytes(self.cuda))
-        return super().loss(model, batch)
+        return causal_lm_loss(model, batch, getattr(self, "loss_config", None))
 
     def final_metrics(self, model):
         import torch.distributed as dist  # a worker-side probe: the engine's process group exists here

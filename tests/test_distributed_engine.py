@@ -305,7 +305,8 @@ def test_recipes_satisfy_the_protocols_without_inheriting():
     # rank 1 takes the global micro-batches 1, 3, 5, ... of the plan (micro-batch size 4)
     examples, batch = ToyJob().examples(), source.next_step()
     plan = source.sampler.global_batches(0)
-    assert len(batch) == 1 and batch[0]["input_ids"].equal(collate([examples[i] for i in plan[1]], ["even", "odd"])["input_ids"])
+    expected = collate([examples[i] for i in plan[1]], ["even", "odd"])["input_ids"]
+    assert len(batch) == 1 and batch[0]["input_ids"].equal(expected)
 
 
 class CountingProducer:

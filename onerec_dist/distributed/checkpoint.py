@@ -4,7 +4,8 @@ A checkpoint directory is the merge of what every rank wrote (Ray Train merges t
 
     onerec_checkpoint.json        rank 0: format, tag, step, world_size, zero_stage, precision, parameter counts
     latest, <tag>/...             DeepSpeed's model / ZeRO optimizer shards (engine.save_checkpoint)
-    client_state/rank<r>.pt       rank r: step, step-source state (sampler position), python/numpy/torch RNG states, loss history
+    client_state/rank<r>.pt       rank r: step, step-source state (the sampler's position), python/numpy/torch RNG
+                                  states, loss history
     manifest/rank<r>.json         rank r: every file it wrote, with its size (detects truncated or missing files)
 """
 

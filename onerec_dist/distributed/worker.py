@@ -144,6 +144,14 @@ def _progress(mode: str, total: int, initial: int):
     return Progress(total, "train", unit="step", mode=mode, initial=initial)
 
 
+def _quiet_known_harmless_output() -> None:
+    """Library output that says nothing about the run, silenced where it starts: transformers draws a tqdm bar per
+    save_pretrained ("Writing model shards"), which in a worker's log is one more carriage-return line per export."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker for one training (run_training): checkpoints are reported to Ray."""
     import ray.train
@@ -177,6 +185,7 @@ def run_one(config: dict[str, Any], publish: str, resume_dir: str | Path | None)
     ds: DeepSpeedConfig = config["deepspeed"]
     output_dir = Path(config["output_dir"])
 
+    _quiet_known_harmless_output()
     strategy = DeepSpeedStrategy(trainer, ds)
     strategy.setup_distributed()
     seed_everything(trainer.seed)  # identical initial weights on every rank

@@ -130,37 +130,49 @@ class DistributedBatchSampler:
         self.window, self.pad_to_multiple_of = window, pad_to_multiple_of
         self.shuffle, self.seed = shuffle, seed
         self.epoch, self.position = 0, 0
-        self._cache: tuple[int, list[list[int]]] | None = None
+        self._cache: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
 
     # ---- plans ------------------------------------------------------------------------------------------------
-    def global_batches(self, epoch: int) -> list[list[int]]:
-        """All ranks' micro-batches of ``epoch``, truncated to whole steps (a multiple of world_size x accumulation)."""
+    def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """All ranks' micro-batches of ``epoch``, truncated to whole steps (a multiple of world_size x accumulation),
+        as flat example indices [M] and batch bounds [B+1] (batch b = indices[bounds[b]:bounds[b+1]]).
+
+        Flat arrays, not lists of lists: 8 bytes per example instead of ~60 for Python ints in lists, so a rank's
+        memory for the plan of a million-example epoch stays ~8 MB."""
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
         n = len(self.lengths)
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         per_step = self.world_size * self.grad_accum_steps  # micro-batches per optimizer step
-        if self.batch_size is not None:
-            batches = fixed_size_batches(order, self.batch_size)
+        if self.batch_size is not None:  # consecutive full batches of the shuffled order (fixed_size_batches)
+            bounds = np.arange(0, n // self.batch_size * self.batch_size + 1, self.batch_size)
+            indices = order
         else:
             batches = token_budget_batches(self.lengths, order, self.max_tokens, self.window, self.pad_to_multiple_of)
             if self.shuffle:
                 batches = [batches[i] for i in rng.permutation(len(batches))]
-        batches = batches[:len(batches) // per_step * per_step]
-        if not batches:
+            indices = np.fromiter((i for b in batches for i in b), dtype=np.int64, count=sum(map(len, batches)))
+            bounds = np.concatenate([[0], np.cumsum([len(b) for b in batches], dtype=np.int64)])
+        bounds = bounds[:(len(bounds) - 1) // per_step * per_step + 1]
+        if len(bounds) == 1:
             unit = (f"{self.batch_size} examples" if self.batch_size is not None
                     else f"a batch of <= {self.max_tokens} padded tokens")
             raise ValueError(f"{n} examples do not fill one optimizer step: a step needs world_size={self.world_size}"
                              f" x grad_accum_steps={self.grad_accum_steps} micro-batches of {unit}")
-        self._cache = (epoch, batches)
-        return batches
+        self._cache = (epoch, (indices[:bounds[-1]], bounds))
+        return self._cache[1]
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """``plan(epoch)`` as lists of example indices."""
+        indices, bounds = self.plan(epoch)
+        return [indices[a:b].tolist() for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
 
     def rank_batches(self, epoch: int) -> list[list[int]]:
         return self.global_batches(epoch)[self.rank::self.world_size]
 
     def steps_in_epoch(self, epoch: int) -> int:
-        return len(self.global_batches(epoch)) // (self.world_size * self.grad_accum_steps)
+        return (len(self.plan(epoch)[1]) - 1) // (self.world_size * self.grad_accum_steps)
 
     def epoch_stats(self, epoch: int) -> dict[str, int]:
         """Examples used / left out, and real vs padded tokens, of one epoch (all ranks)."""
@@ -176,11 +188,12 @@ class DistributedBatchSampler:
         """This rank's micro-batches of the next optimizer step (``grad_accum_steps`` lists of example indices)."""
         if self.position >= self.steps_in_epoch(self.epoch):
             self.epoch, self.position = self.epoch + 1, 0
-        mine = self.rank_batches(self.epoch)
-        g = self.grad_accum_steps
-        step = mine[self.position * g:(self.position + 1) * g]
+        indices, bounds = self.plan(self.epoch)
+        g, w = self.grad_accum_steps, self.world_size
+        # this rank's k-th micro-batch is global micro-batch k * W + rank; step p holds k = p * G .. p * G + G - 1
+        mine = [(self.position * g + j) * w + self.rank for j in range(g)]
         self.position += 1
-        return step
+        return [indices[bounds[m]:bounds[m + 1]].tolist() for m in mine]
 
     # ---- resume -----------------------------------------------------------------------------------------------
     def _fingerprint(self) -> dict[str, Any]:
@@ -209,7 +222,8 @@ class SamplerStepSource:
     def __init__(self, examples: Sequence[Any], sampler: DistributedBatchSampler, pad_token_id: int = 0,
                  pad_to_multiple_of: int = 1):
         if len(examples) != len(sampler.lengths):
-            raise ValueError(f"SamplerStepSource: {len(examples)} examples but the sampler plans {len(sampler.lengths)}")
+            raise ValueError(f"SamplerStepSource: {len(examples)} examples but the sampler plans "
+                             f"{len(sampler.lengths)}")
         if not hasattr(examples, "task_names"):  # a shard directory was validated when it was written
             validate_examples(examples)
         self.examples, self.sampler = examples, sampler

@@ -78,7 +78,8 @@ def matmul_param_counts(model: torch.nn.Module) -> tuple[int, int]:
         n += size
         if param.requires_grad:
             rows = getattr(param, "trainable_rows", None)  # e.g. item-token rows of the embedding / LM head
-            trainable += size if rows is None else size // param.shape[0] * int(rows)
+            rows_total = getattr(param, "ds_shape", param.shape)[0]  # ZeRO-3: the local shape is empty
+            trainable += size if rows is None else size // rows_total * int(rows)
     return n, trainable
 
 

@@ -83,13 +83,14 @@ def _identity(examples: Any) -> Any:
 
 
 def write_shards(build: Callable[[Any], Iterable[Any]], shard_inputs: Sequence[Any], out_dir: str | Path, *,
-                 processes: int = 1, progress: Any = None) -> dict[str, Any]:
+                 processes: int = 1, desc: str = "write shards", progress: bool = True) -> dict[str, Any]:
     """Write shard k = ``build(shard_inputs[k])`` into ``out_dir`` (replaced), then the manifest; returns it.
 
     ``processes`` > 1 runs the builds in a spawn process pool (``build`` and the inputs must be picklable:
-    a module-level function). ``progress``: an object with ``update(n)`` (e.g. onerec_dist.progress.Progress),
-    advanced by each finished shard's example count.
+    a module-level function). ``progress``: a bar (terminal) or bounded log lines counting finished shards.
     """
+    from onerec_dist.progress import Progress
+
     if not shard_inputs:
         raise ValueError("write_shards: no shard inputs (the training set would be empty)")
     out_dir = Path(out_dir)
@@ -98,11 +99,11 @@ def write_shards(build: Callable[[Any], Iterable[Any]], shard_inputs: Sequence[A
     out_dir.mkdir(parents=True)
     paths = [str(out_dir / shard_file_name(k)) for k in range(len(shard_inputs))]
     results: list[dict[str, Any] | None] = [None] * len(shard_inputs)
+    bar = Progress(len(shard_inputs), desc, unit="shard", mode=None if progress else "off")
     if processes <= 1:
         for k, inputs in enumerate(shard_inputs):
             results[k] = _build_and_write(build, inputs, paths[k])
-            if progress is not None:
-                progress.update(results[k]["num_examples"])
+            bar.update(1, examples=sum(r["num_examples"] for r in results if r))
     else:
         import multiprocessing
 
@@ -112,8 +113,8 @@ def write_shards(build: Callable[[Any], Iterable[Any]], shard_inputs: Sequence[A
                        for k, inputs in enumerate(shard_inputs)}
             for future in as_completed(futures):
                 results[futures[future]] = future.result()
-                if progress is not None:
-                    progress.update(results[futures[future]]["num_examples"])
+                bar.update(1, examples=sum(r["num_examples"] for r in results if r))
+    bar.close()
     manifest = {"format": FORMAT, "num_examples": sum(r["num_examples"] for r in results),
                 "num_tokens": sum(r["num_tokens"] for r in results),
                 "task_names": sorted({t for r in results for t in r["tasks"]}),
@@ -125,12 +126,12 @@ def write_shards(build: Callable[[Any], Iterable[Any]], shard_inputs: Sequence[A
 
 
 def write_examples(examples: Sequence[Any], out_dir: str | Path, *, examples_per_shard: int = 100_000,
-                   progress: Any = None) -> dict[str, Any]:
+                   progress: bool = True) -> dict[str, Any]:
     """Examples already in memory (e.g. built by a recipe on the driver) -> shards of ``examples_per_shard``."""
     if examples_per_shard < 1:
         raise ValueError(f"examples_per_shard must be >= 1, got {examples_per_shard}")
     chunks = [examples[i:i + examples_per_shard] for i in range(0, len(examples), examples_per_shard)]
-    return write_shards(_identity, chunks, out_dir, progress=progress)
+    return write_shards(_identity, chunks, out_dir, progress=progress)  # in-process: no copy of the examples
 
 
 # ---------------------------------------------------------------------------------------------------- reading
