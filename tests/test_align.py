@@ -97,6 +97,10 @@ def test_multitask_starts_from_warmup_and_learns(aligned):
     assert main(["eval", f"output_dir={out / 'eval'}", f"model.name_or_path={multitask['export_dir']}", *TINY,
                  "eval.beam_width=10", "eval.top_k=10", "eval.ks=[1,5,10]", "eval.ndcg_ks=[5,10]"]) == 0
     assert json.loads((out / "eval" / "summary.json").read_text())["model"]["validity"] == 1.0
+    # Every model directory carries the same item IDs: both stages' initial models and exports.
+    tables = {(out / stage / model / "sid_table.json").read_text() for stage in ("warmup", "multitask")
+              for model in ("init_model", "export")}
+    assert len(tables) == 1 and (out / "multitask" / "export" / "item_tokens.json").is_file()
 
 
 def test_lora_multitask_exports_merged_model(aligned, tmp_path):
