@@ -5,17 +5,15 @@
 
 The baseline is the unfused textbook step: a Python loop over beam rows, each gathering its allowed codes,
 log-softmaxing them and taking a top-k. Every variant is checked against the reference before it is timed.
-On CUDA the Triton kernel's achieved bandwidth is bytes read (logits + mask + beam scores [+ norm_lse]) / time,
-reported as a fraction of --peak-gbps (default: H100 SXM HBM3, 3350 GB/s).
-Results go to benchmarks/results/constrained_step_<device>.json.
+Bytes the step must move: read logits + mask + beam scores, write top-k scores and codes and the row lse. Achieved
+bandwidth = those bytes / median time, as a fraction of the copy bandwidth measured in the same run (``copy_bandwidth``:
+a large device-to-device copy, read + write bytes / time) unless --peak-gbps is given.
+Times are medians with IQR over --reps repetitions (>= 5). Results: benchmarks/results/constrained_step_<cpu|gpu>.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,9 +24,7 @@ from onerec_kernels.constrained_step import constrained_step_reference
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # _common sits beside this script (also when loaded by path)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment_record  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from _common import add_common_args, device_suffix, start_run, summarize  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 QUICK_SHAPES = [(256, 256, 8), (256, 2048, 8)]  # (R = batch*beams, C codes at the level, k)
@@ -63,8 +59,27 @@ def make_inputs(rows, codes, dtype, device, density=0.3, seed=0):
     return logits.to(device), allowed.to(device), beam_scores.to(device)
 
 
+def copy_bandwidth(device: torch.device, megabytes: int | None = None, reps: int = 5) -> dict:
+    """Bytes per second of a large copy (read + write = 2 x size per copy), summarized over ``reps`` copies:
+    the memory bandwidth this device reaches now (default 1 GiB on CUDA, 256 MiB on CPU)."""
+    device = torch.device(device)
+    megabytes = megabytes or (1024 if device.type == "cuda" else 256)
+    src = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    dst.copy_(src)
+    samples = []
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        samples.append(2 * src.numel() / (time.perf_counter() - start))
+    return summarize(samples)
+
+
 def time_ms(fn, device, warmup, reps):
-    """Median wall time of fn() in milliseconds (CUDA-synchronised)."""
+    """summarize() of fn()'s wall time in milliseconds (CUDA-synchronised): median, q1, q3, iqr, min."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
@@ -75,7 +90,7 @@ def time_ms(fn, device, warmup, reps):
         fn()
         sync()
         samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    return summarize(samples)
 
 
 def check_same(out, ref, name):
@@ -89,22 +104,25 @@ def bench_shape(rows, codes, k, dtype_name, device, args):
     call = (logits, allowed, beam_scores, k)
     ref = constrained_step_reference(*call)
     check_same(naive_step(*call), ref, "naive")
-    naive_reps = max(1, args.reps // 4)  # the loop is slow; its median needs fewer samples
+    naive_reps = max(3, args.reps // 4)  # the loop is slow; its median needs fewer samples
     result = {"rows": rows, "codes": codes, "k": k, "dtype": dtype_name}
-    result["naive_ms"] = time_ms(lambda: naive_step(*call), device, 1, naive_reps)
-    result["reference_ms"] = time_ms(lambda: constrained_step_reference(*call), device, args.warmup, args.reps)
-    result["reference_speedup_vs_naive"] = result["naive_ms"] / result["reference_ms"]
-    bytes_read = logits.numel() * logits.element_size() + allowed.numel() + beam_scores.numel() * 4
-    result["bytes_read"] = bytes_read
-    result["reference_gbps"] = bytes_read / result["reference_ms"] / 1e6
+    stats = {"naive": time_ms(lambda: naive_step(*call), device, 1, naive_reps),
+             "reference": time_ms(lambda: constrained_step_reference(*call), device, args.warmup, args.reps)}
+    bytes_moved = (logits.numel() * logits.element_size() + allowed.numel() + beam_scores.numel() * 4  # read
+                   + rows * k * (4 + 8) + rows * 4)  # write: top-k scores fp32, codes int64, row lse fp32
+    result["bytes_moved"] = bytes_moved
     if device.type == "cuda":
         from onerec_kernels.constrained_step.triton_kernel import constrained_step_triton
 
         check_same(constrained_step_triton(*call), ref, "triton")
-        result["triton_ms"] = time_ms(lambda: constrained_step_triton(*call), device, args.warmup, args.reps)
+        stats["triton"] = time_ms(lambda: constrained_step_triton(*call), device, args.warmup, args.reps)
+    for name, st in stats.items():
+        result.update({f"{name}_ms": st["median"], f"{name}_ms_q1": st["q1"], f"{name}_ms_q3": st["q3"],
+                       f"{name}_ms_min": st["min"], f"{name}_gbps": bytes_moved / st["median"] / 1e6})
+    result["reference_speedup_vs_naive"] = result["naive_ms"] / result["reference_ms"]
+    if device.type == "cuda":
         result["triton_speedup_vs_reference"] = result["reference_ms"] / result["triton_ms"]
         result["triton_speedup_vs_naive"] = result["naive_ms"] / result["triton_ms"]
-        result["triton_gbps"] = bytes_read / result["triton_ms"] / 1e6
         result["triton_peak_fraction"] = result["triton_gbps"] / args.peak_gbps
     return result
 
@@ -120,15 +138,16 @@ def print_table(results):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="two small shapes, few repetitions")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    add_common_args(parser, default_device="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma list of {sorted(DTYPES)}")
-    parser.add_argument("--peak-gbps", type=float, default=3350.0, help="device peak memory bandwidth in GB/s")
+    parser.add_argument("--peak-gbps", type=float, default=None, help="memory bandwidth in GB/s (default: measured)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 5 quick, 20 full)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=None, help="JSON output path")
+    parser.add_argument("--tag", default="", help="suffix of the result file")
     args = parser.parse_args(argv)
     args.reps = args.reps or (5 if args.quick else 20)
+    if args.reps < 5:
+        parser.error("--reps must be >= 5 (median and IQR)")
     for name in args.dtypes.split(","):
         if name not in DTYPES:
             parser.error(f"--dtypes entries must be in {sorted(DTYPES)}, got {name!r}")
@@ -139,24 +158,18 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    run = start_run("constrained_step", args)
     device = torch.device(args.device)
+    bandwidth = copy_bandwidth(device)
+    args.peak_gbps = args.peak_gbps or bandwidth["median"] / 1e9
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     results = [bench_shape(*shape, dtype, device, args) for shape in shapes for dtype in args.dtypes.split(",")]
     print_table(results)
-    report = {
-        "device": args.device,
-        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "quick": args.quick,
-        "peak_gbps": args.peak_gbps,
-        "baseline": "naive per-row Python loop (gather allowed codes, logsumexp, stable sort)",
-        "results": results,
-        "environment": environment_record(config=vars(args)),
-    }
-    out = args.out or REPO / "benchmarks" / "results" / f"constrained_step_{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    report = {"peak_gbps": args.peak_gbps, "copy_bandwidth_bytes_per_s": bandwidth,
+              "baseline": "naive per-row Python loop (gather allowed codes, logsumexp, stable sort)",
+              "results": results}
+    out = run.finish(report, f"constrained_step_{device_suffix(args.device)}{'_' + args.tag if args.tag else ''}",
+                     args.out_dir)
     print(f"wrote {out}")
     return report
 

@@ -33,14 +33,19 @@ class TokenTrie:
         return list(node)
 
 
-def hf_beam_search(model, item_tokenizer: ItemTokenizer, item_codes: torch.Tensor, prompts: list[list[int]],
-                   beam_width: int, top_k: int, pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-K items [B, K] (catalogue rows, -1 if the decoded ID is no item) and their scores [B, K]."""
+def build_trie(item_tokenizer: ItemTokenizer, item_codes: torch.Tensor) -> tuple[TokenTrie, dict, int]:
+    """(trie, token row -> catalogue row, levels): built once per catalogue, as the public code does."""
     codes = torch.as_tensor(item_codes, dtype=torch.long)
     token_rows = item_tokenizer.encode(codes).tolist()  # [N, L]
-    trie = TokenTrie(token_rows)
-    lookup = {tuple(row): i for i, row in enumerate(token_rows)}
-    num_levels = codes.shape[1]
+    return TokenTrie(token_rows), {tuple(row): i for i, row in enumerate(token_rows)}, codes.shape[1]
+
+
+def hf_beam_search(model, item_tokenizer: ItemTokenizer, item_codes: torch.Tensor, prompts: list[list[int]],
+                   beam_width: int, top_k: int, pad_token_id: int = 0,
+                   trie: tuple[TokenTrie, dict, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-K items [B, K] (catalogue rows, -1 if the decoded ID is no item) and their scores [B, K].
+    ``trie``: ``build_trie``'s result for these codes (else built here, on every call)."""
+    trie, lookup, num_levels = trie or build_trie(item_tokenizer, item_codes)
     rows = [list(p) + [item_tokenizer.begin_id] for p in prompts]
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
