@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from onerec_launch.config import BACKENDS
 
 USAGE = f"""\
 usage: onerec-launch <backend> [key=value ...] [--dry-run] -- onerec <stage> [key=value ...]
        onerec-launch jobs {{status,logs,stop}} <submission_id> ray.address=URL
+       onerec-launch sweep <backend> [key=value ...] [--dry-run] -- onerec <stage> key=a,b [key=value ...]
 
 Runs the `onerec` job after `--` on a cluster. Launcher overrides (before `--`) set fields of conf/launch.yaml;
 job overrides (after `--`) are the usual `onerec` Hydra overrides. output_dir is always made explicit (relative
@@ -35,9 +37,42 @@ examples:
       -- onerec pipeline output_dir=runs/k8s
   bash outputs/smoke/relaunch.sh                       # the same job again
   onerec-launch jobs logs onerec-pipeline-20261123-120000-ab12cd ray.address=http://10.0.0.1:8265
+  onerec-launch sweep ray ray.address=http://10.0.0.1:8265 -- onerec align output_dir=/shared/sweep1 \\
+      trainer.num_workers=8,16,32 deepspeed.zero_stage=2,3 trainer.max_steps=30   # table + plot in output_dir
 """
 
 JOB_ACTIONS = ("status", "logs", "stop")
+
+
+def sweep_command(argv: list[str], cwd: Path | None = None) -> int:
+    """`onerec-launch sweep <backend> [key=value ...] [--dry-run] -- onerec <stage> key=a,b ...` (launch/sweep.py)."""
+    from onerec_launch.config import compose_launch_config
+    from onerec_launch.request import parse_argv
+    from onerec_launch.sweep import FINISHED, expand_grid, point_name, run_sweep
+
+    cwd = cwd or Path.cwd()
+    request = parse_argv(argv)
+    cfg = compose_launch_config(list(request.launcher_overrides))
+    if cfg.ray.submission_id is not None:
+        raise ValueError("ray.submission_id: cannot be set for a sweep (every point is a job of its own)")
+    output_dir = next((o.split("=", 1)[1] for o in request.job_overrides if o.startswith("output_dir=")),
+                      "outputs/sweep")
+    sweep_dir = Path(output_dir) if Path(output_dir).is_absolute() else cwd / output_dir
+    grid = expand_grid([o for o in request.job_overrides if not o.startswith("output_dir=")])
+    if request.dry_run:
+        for point in grid.points:
+            print(f"{point_name(point)}: onerec {request.stage} {' '.join(grid.fixed)} "
+                  f"{' '.join(f'{k}={v}' for k, v in point.items())} output_dir={sweep_dir}/points/{point_name(point)}")
+        return 0
+    result = run_sweep(request, sweep_dir, warmup_steps=cfg.sweep.warmup_steps,
+                       link_gb_per_s=cfg.sweep.link_gb_per_s, resume=cfg.sweep.resume, cwd=cwd)
+    for row in result["rows"]:
+        point = " ".join(f"{k.rsplit('.', 1)[-1]}={row[k]}" for k, _ in grid.axes)
+        tput = (f"{row['tokens_per_s']:.0f} tok/s, efficiency {row['scaling_efficiency']:.2f}"
+                if row.get("tokens_per_s") else row.get("message", "")[-120:])
+        print(f"  {point}: {row['status']} {tput}")
+    print(f"onerec-launch sweep: table {sweep_dir / 'scaling.csv'} (.json, .png)")
+    return 0 if all(p["status"] in FINISHED for p in result["state"]["points"].values()) else 1
 
 
 def jobs_command(argv: list[str]) -> int:
@@ -77,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[0] == "jobs":
             return jobs_command(argv[1:])
+        if argv[0] == "sweep":
+            return sweep_command(argv[1:])
         result = launch(parse_argv(argv))
     except ValueError as err:  # bad input: the message names the field and the valid values
         print(f"error: {err}", file=sys.stderr)

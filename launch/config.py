@@ -132,6 +132,18 @@ class K8sConfig:
 
 
 @dataclass
+class SweepConfig:
+    warmup_steps: int = 1
+    link_gb_per_s: float | None = None
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.warmup_steps >= 0, "sweep.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if self.link_gb_per_s is not None:
+            require(self.link_gb_per_s > 0, "sweep.link_gb_per_s", f"must be > 0 or null, got {self.link_gb_per_s}")
+
+
+@dataclass
 class LaunchConfig:
     job_name: str | None = None
     working_dir: str | None = None
@@ -143,6 +155,7 @@ class LaunchConfig:
     local: LocalConfig = field(default_factory=LocalConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     k8s: K8sConfig = field(default_factory=K8sConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
         if self.job_name is not None:

@@ -44,9 +44,22 @@ def connect(address: str, timeout_s: float = 0.0):
             time.sleep(0.5)
 
 
-def submit(client, entrypoint: str, runtime_env: dict, submission_id: str, metadata: dict | None = None) -> str:
-    return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
-                             metadata={k: str(v) for k, v in (metadata or {}).items()})
+# A head that has just started (or is busy) answers 500 "No available agent to submit job" until its dashboard
+# agent has registered; the submission is retried for this long.
+AGENT_WAIT_S = 120.0
+
+
+def submit(client, entrypoint: str, runtime_env: dict, submission_id: str, metadata: dict | None = None,
+           agent_wait_s: float = AGENT_WAIT_S) -> str:
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
+                                     metadata={k: str(v) for k, v in (metadata or {}).items()})
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() >= deadline:
+                raise
+            time.sleep(1.0)
 
 
 def status(client, submission_id: str) -> str:
