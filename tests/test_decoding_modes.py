@@ -282,6 +282,9 @@ def test_batch_equals_each_row_alone_and_row_budget_chunks():
         kwargs = {"items": together.items} if method == "score_items" else {}
         full, parts = getattr(dec, method)(prompts, *args, **kwargs), getattr(chunked, method)(prompts, *args, **kwargs)
         torch.testing.assert_close(parts.scores, full.scores, atol=1e-5, rtol=1e-6)
+    allowed = AllowedPrefixes.from_lists(random_prefix_sets(len(prompts), 1, seed=0))  # per-row sets are chunked too
+    full, parts = dec.decode(prompts, allowed_prefixes=allowed), chunked.decode(prompts, allowed_prefixes=allowed)
+    assert torch.equal(parts.items, full.items)
     with pytest.raises(ValueError, match="row_budget=0 must be None"):
         decoder(6, 4, row_budget=0)
 
@@ -418,3 +421,30 @@ def test_no_host_sync_in_the_new_level_loops(monkeypatch):
         codes.nonzero()
         state["loop"] = False
     assert state["syncs"] == ["nonzero"]
+
+
+MODE_SWITCHES = [dict(prefill="once"), dict(prefill="per_beam"), dict(code_logits="full"), dict(step_impl="naive"),
+                 dict(step_impl="triton")]  # triton: the fused kernel (interpreted on CPU, conftest)
+
+
+@pytest.mark.parametrize("switch", MODE_SWITCHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_switches_return_the_default_result_in_every_mode(switch):
+    # The speed switches change how the modes compute, never what they return (as for decode in test_decoding.py);
+    # sampling draws the same noise for the same seed, so it must return the same items too.
+    _, _, _, _, codes, prompts = world()
+    allowed = AllowedPrefixes.from_lists(random_prefix_sets(len(prompts), 1, seed=1))
+    start = codes[:len(prompts), :1]
+    results = []
+    for kwargs in ({}, switch):
+        dec = decoder(6, 4, normalization="valid", **kwargs)
+        seed = torch.Generator().manual_seed(3)
+        results.append([dec.decode(prompts, allowed_prefixes=allowed), dec.decode_prefixes(prompts, 2),
+                        dec.sample(prompts, 5, temperature=0.7, generator=seed, start_codes=start),
+                        dec.score_items(prompts, items=torch.arange(8).expand(len(prompts), -1))])
+    for expected, got in zip(*results):
+        for name in ("items", "prefixes", "codes"):
+            if hasattr(expected, name):
+                assert torch.equal(getattr(got, name), getattr(expected, name)), name
+        torch.testing.assert_close(got.scores, expected.scores, atol=1e-5, rtol=1e-6)
+    sampled = results[0][2]
+    assert torch.equal(sampled.codes[:, :, 0], start.expand(-1, 5)) and bool((sampled.items >= 0).all())

@@ -89,11 +89,12 @@ class AllowedPrefixes:
 
     def select(self, rows: Sequence[int]) -> AllowedPrefixes:
         """The sets of ``rows`` (in that order)."""
-        rows_t = torch.as_tensor(list(rows), dtype=torch.long)
-        starts, counts = self.offsets[rows_t], self.counts()[rows_t]
-        take = torch.cat([torch.arange(s, s + c) for s, c in zip(starts.tolist(), counts.tolist())] or
-                         [torch.zeros(0, dtype=torch.long)])
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+        rows_t = torch.as_tensor(list(rows), dtype=torch.long, device=self.offsets.device)
+        starts, counts = self.offsets[rows_t], self.counts()[rows_t]  # [b], [b]
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # [b + 1] of the selection
+        # prefix j of the selection = starts[its row] + (j - offsets[its row])
+        take = torch.arange(int(offsets[-1]), device=counts.device) + torch.repeat_interleave(starts - offsets[:-1],
+                                                                                             counts)
         return AllowedPrefixes(offsets, self.codes[take])
 
 
