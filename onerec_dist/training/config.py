@@ -40,7 +40,7 @@ class LossConfig:
     """How the next-token cross-entropy is computed (onerec_dist/training/loss.py); all give the same loss."""
 
     impl: Literal["auto", "chunked", "full", "liger"] = "auto"
-    chunk_size: int = 1024
+    chunk_size: int = 512
 
     def __post_init__(self) -> None:
         require(self.chunk_size >= 1, "trainer.loss.chunk_size", f"must be >= 1, got {self.chunk_size}")

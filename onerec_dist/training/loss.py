@@ -7,11 +7,12 @@ fp32 copy alone, plus the bf16 logits and the log-softmax kept for backward. Two
 ``chunked`` (PyTorch, any device). The model runs with ``output_hidden_states=True, logits_to_keep=1``, so the HF
     model computes the logits of the last position only and we take the final (post-norm) hidden states. Only label
     positions are gathered ([N, H], N = loss tokens), and the LM head + cross-entropy run over chunks of
-    ``chunk_size`` tokens, each inside ``torch.utils.checkpoint``: the forward keeps no chunk's logits, the backward
-    recomputes one chunk's logits at a time. Peak extra memory is O(chunk_size x V) instead of O(B x L x V). The head
-    is called as a module (never through ``.weight``), so tied embeddings, a LoRA-wrapped head and ZeRO-3's
-    parameter gathering (module hooks) all work.
-``liger`` (CUDA). Liger-Kernel's fused linear cross-entropy (Hsu et al. 2024, arXiv:2410.10989, Sec. 3.3): the head
+    ``chunk_size`` tokens: the forward keeps no chunk's logits, the backward recomputes one chunk's logits at a time
+    (a custom autograd Function for a plain ``nn.Linear`` head; per-chunk activation checkpointing for any other
+    head, e.g. LoRA-wrapped). Peak extra memory is O(chunk_size x V) instead of O(B x L x V). The head is entered
+    through its module call, so tied embeddings and ZeRO-3's parameter gathering (module hooks) work, and a plain
+    head is called once per micro-batch whatever N (every ZeRO-3 rank runs the same collectives).
+``liger`` (CUDA). Liger-Kernel's fused linear cross-entropy (Hsu et al. 2024, arXiv:2410.10989): the head
     matmul, the softmax and the gradient are fused chunk by chunk in Triton kernels; install the ``gpu`` extra.
 ``auto`` (default) picks liger on CUDA when it is installed and the head is a plain, unpartitioned ``nn.Linear``,
     else chunked; and full only when the model cannot give its hidden states cheaply (no ``logits_to_keep``) or
@@ -113,18 +114,84 @@ def resolve_impl(requested: str, hf_model: torch.nn.Module, head: torch.nn.Modul
 
 
 # ------------------------------------------------------------------------------------------------ token losses
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy [N] of ``hidden @ weight.T + bias`` against ``targets``, chunk_size rows at a time.
+
+    Forward keeps only the [N] losses (saves hidden, weight, targets: no logits); backward recomputes each chunk's
+    logits and forms d loss / d logits = (softmax - onehot) x upstream grad, then the chunk's hidden gradient and
+    its share of the weight / bias gradient, accumulated in fp32 (one rounding at the end, as the full path's
+    single matmul). Peak extra memory: one chunk's [chunk, V] logits (+ softmax) and the fp32 weight accumulator.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)      # [N]
+        for start in range(0, hidden.shape[0], chunk_size):
+            logits = F.linear(hidden[start:start + chunk_size], weight, bias).float()       # [c, V]
+            losses[start:start + chunk_size] = F.cross_entropy(logits, targets[start:start + chunk_size],
+                                                               reduction="none")
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk_size = chunk_size
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None                # [N, H]
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None                                                       # [V, H]
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
+            if bias is not None and ctx.needs_input_grad[2] else None                                  # [V]
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            stop = min(start + ctx.chunk_size, hidden.shape[0])
+            hidden_chunk = hidden[start:stop]                                                          # [c, H]
+            grad_logits = torch.softmax(F.linear(hidden_chunk, weight, bias).float(), dim=-1)         # [c, V]
+            grad_logits[torch.arange(stop - start, device=grad_logits.device), targets[start:stop]] -= 1.0
+            grad_logits *= grad_losses[start:stop].unsqueeze(-1)
+            if grad_hidden is not None:
+                grad_hidden[start:stop] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += grad_logits.t() @ hidden_chunk.float()
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(dim=0)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
+
+
 def _head_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).float()                                   # [c, V]: the only vocabulary-sized tensor
     return F.cross_entropy(logits, targets, reduction="none")       # [c]
+
+
+def _through_module_call(module: torch.nn.Module, function, inputs: torch.Tensor) -> torch.Tensor:
+    """``function(inputs)`` run as ``module``'s forward, so that the module's hooks (ZeRO-3 gathers its parameters
+    before and releases them after; and before its backward) fire exactly once, whatever the number of chunks:
+    every rank then runs the same collectives even when their micro-batches hold different token counts."""
+    previous = module.__dict__.get("forward")
+    module.forward = function
+    try:
+        return module(inputs)
+    finally:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
 
 
 def chunked_token_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
                          chunk_size: int) -> torch.Tensor:
     """Per-token cross-entropy [N] of ``head(hidden)`` against ``targets`` (no ignored entries), chunk by chunk.
 
-    With grad, each chunk runs under non-reentrant activation checkpointing: nothing vocabulary-sized is saved, the
-    backward recomputes one chunk's logits at a time (one extra head matmul per chunk, the price of O(chunk x V)).
+    A plain ``nn.Linear`` head (Qwen3, tied or not) runs :class:`ChunkedLinearCrossEntropy` inside one call of the
+    head. Any other head (e.g. LoRA-wrapped) is called per chunk under non-reentrant activation checkpointing
+    (nothing vocabulary-sized is saved; the backward recomputes one chunk at a time); under ZeRO-3 that path calls
+    the head a number of times that depends on the rank's token count, so keep such heads out of ZeRO-3.
     """
+    if hidden.shape[0] == 0:
+        return hidden.float().sum(dim=-1) * 0.0                     # [0], still connected to the graph
+    if type(head) is torch.nn.Linear:
+        return _through_module_call(
+            head, lambda x: ChunkedLinearCrossEntropy.apply(x, head.weight, head.bias, targets, chunk_size), hidden)
     pieces = []
     for start in range(0, hidden.shape[0], chunk_size):
         hidden_chunk, target_chunk = hidden[start:start + chunk_size], targets[start:start + chunk_size]
@@ -133,7 +200,7 @@ def chunked_token_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: t
                                      use_reentrant=False, preserve_rng_state=False))
         else:
             pieces.append(_head_cross_entropy(head, hidden_chunk, target_chunk))
-    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(pieces)
 
 
 def _task_sums_from_examples(per_example_sum: torch.Tensor, per_example_count: torch.Tensor,
@@ -165,8 +232,10 @@ def final_hidden_states(model: torch.nn.Module, head: torch.nn.Module, batch: di
     with torch.no_grad():
         expected = out.logits[:, -1].float()                                          # [B, V]
         recomputed = head(hidden[:, -1]).float()                                      # [B, V]
-        tolerance = 1e-3 * (1.0 + expected.abs().max())
-        if expected.shape != recomputed.shape or (expected - recomputed).abs().max() > tolerance:
+        # relative error of the whole [B, V] block: a wrong hidden state is off by O(1), rounding by a few eps
+        tolerance = max(1e-3, 8 * torch.finfo(hidden.dtype).eps)
+        relative = (expected - recomputed).norm() / expected.norm().clamp(min=1e-6)
+        if expected.shape != recomputed.shape or relative > tolerance:
             raise ValueError(f"{type(unwrap_model(model)).__name__}: hidden_states[-1] is not the LM head's input "
                              "(logits differ); set trainer.loss.impl=full for this model")
     return hidden
