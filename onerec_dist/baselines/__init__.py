@@ -1,0 +1,1 @@
+"""Recommendation baselines trained and evaluated on the project's split and metrics (SASRec)."""
