@@ -170,6 +170,22 @@ def test_allowed_prefixes_give_the_per_row_restricted_topk(normalization, num_le
         assert bool((result.items[b, n:] == -1).all()) and bool(torch.isinf(result.scores[b, n:]).all())
 
 
+def test_unrestricted_rows_decode_the_whole_catalogue_in_the_same_batch():
+    # Think-Ahead's fallback: rows without a cached set (None) get exactly the plain decode, the others their
+    # restricted one, in one call.
+    _, _, _, _, codes, prompts = world()
+    rows = random_prefix_sets(len(prompts), 2, seed=4)
+    mixed = AllowedPrefixes.from_lists([None, rows[1], None, rows[3]])
+    assert mixed.unrestricted.tolist() == [True, False, True, False]
+    dec = decoder(8, 5)
+    got = dec.decode(prompts, allowed_prefixes=mixed)
+    plain = dec.decode(prompts)
+    restricted = dec.decode(prompts, allowed_prefixes=AllowedPrefixes.from_lists(rows))
+    for b, expected in enumerate([plain, restricted, plain, restricted]):
+        assert got.items[b].tolist() == expected.items[b].tolist()
+    assert mixed.select([2, 1]).unrestricted.tolist() == [True, False]
+
+
 def test_allowed_prefixes_compose_with_exclusion_start_codes_and_partial_decode():
     _, _, _, _, codes, prompts = world()
     rows = random_prefix_sets(len(prompts), 1, seed=3)
@@ -213,6 +229,8 @@ def test_union_of_groups_and_bad_allowed_prefixes():
     other = next(c for c in range(3) if c != int(codes[0, 0]) and bool((codes[:, 0] == c).any()))
     with pytest.raises(ValueError, match="start_codes row 0 .* lies below none of the row's allowed prefixes"):
         dec.decode(prompts, start_codes=torch.tensor([[other]] * 4), allowed_prefixes=AllowedPrefixes.from_lists(good))
+    with pytest.raises(ValueError, match="an unrestricted row of allowed_prefixes must have no prefixes"):
+        AllowedPrefixes(torch.tensor([0, 1]), torch.tensor([[0]]), torch.tensor([True]))
     with pytest.raises(ValueError, match="same number of levels"):
         AllowedPrefixes.from_lists([[[0], [0, 1]]])
     with pytest.raises(ValueError, match=r"num_levels=1 must be an int in \(l0=1, L=3\]"):

@@ -30,10 +30,13 @@ LevelMask = Callable[[int, torch.Tensor, int], "torch.Tensor | None"]
 
 @dataclasses.dataclass(frozen=True)
 class AllowedPrefixes:
-    """Row b may only decode items whose first m codes are one of ``codes[offsets[b]:offsets[b + 1]]``."""
+    """Row b may only decode items whose first m codes are one of ``codes[offsets[b]:offsets[b + 1]]``, unless
+    ``unrestricted[b]``: such a row (a user without a cached set) decodes the whole catalogue in the same batch,
+    Think-Ahead's fallback; its range must be empty."""
 
     offsets: torch.Tensor  # [B + 1] int64, non-decreasing, offsets[0] = 0, offsets[B] = P
     codes: torch.Tensor  # [P, m] int64, the prefixes of all rows, row after row
+    unrestricted: torch.Tensor | None = None  # [B] bool; None: every row is restricted
 
     def __post_init__(self):
         offsets, codes = self.offsets, self.codes
@@ -47,18 +50,30 @@ class AllowedPrefixes:
         if ends[0] != 0 or ends[-1] != codes.shape[0] or any(b < a for a, b in zip(ends, ends[1:])):
             raise ValueError(f"allowed_prefixes.offsets must rise from 0 to P={codes.shape[0]} (CSR), got {ends[:8]}"
                              + ("..." if len(ends) > 8 else ""))
+        free = self.unrestricted
+        free = torch.zeros(len(ends) - 1, dtype=torch.bool) if free is None else torch.as_tensor(free, dtype=torch.bool)
+        if tuple(free.shape) != (len(ends) - 1,):
+            raise ValueError(f"allowed_prefixes.unrestricted must be [B={len(ends) - 1}] bool, got {_describe(free)}")
+        if bool((free & (self.offsets.diff() > 0)).any()):
+            raise ValueError("an unrestricted row of allowed_prefixes must have no prefixes")
+        object.__setattr__(self, "unrestricted", free)
 
     @classmethod
-    def from_lists(cls, rows: Sequence[Sequence[Sequence[int]]], num_levels: int | None = None) -> AllowedPrefixes:
-        """From one list of prefixes (each a list of m codes) per row; ``num_levels`` = m when rows may be empty."""
+    def from_lists(cls, rows: Sequence[Sequence[Sequence[int]] | None], num_levels: int | None = None
+                   ) -> AllowedPrefixes:
+        """From one list of prefixes (each a list of m codes) per row, None for an unrestricted row; ``num_levels``
+        = m when no row has a prefix."""
+        unrestricted = torch.tensor([row is None for row in rows], dtype=torch.bool)
+        rows = [[] if row is None else row for row in rows]
         flat = [list(p) for row in rows for p in row]
         widths = {len(p) for p in flat} | ({num_levels} if num_levels is not None else set())
         if len(widths) != 1:
-            raise ValueError(f"allowed prefixes must all have the same number of levels m, got lengths {sorted(widths)}")
+            raise ValueError("allowed prefixes must all have the same number of levels m, got lengths "
+                             f"{sorted(widths)}")
         width = widths.pop()
         counts = torch.tensor([0] + [len(row) for row in rows], dtype=torch.long)
         codes = torch.tensor(flat, dtype=torch.long).view(-1, width)
-        return cls(counts.cumsum(0), codes)
+        return cls(counts.cumsum(0), codes, unrestricted)
 
     @classmethod
     def union_of_groups(cls, prefixes: torch.Tensor, group_size: int) -> AllowedPrefixes:
@@ -95,7 +110,7 @@ class AllowedPrefixes:
         # prefix j of the selection = starts[its row] + (j - offsets[its row])
         take = torch.arange(int(offsets[-1]), device=counts.device) + torch.repeat_interleave(starts - offsets[:-1],
                                                                                              counts)
-        return AllowedPrefixes(offsets, self.codes[take])
+        return AllowedPrefixes(offsets, self.codes[take], self.unrestricted.to(rows_t.device)[rows_t])
 
 
 class _PrefixKeys:
@@ -133,10 +148,10 @@ def check_allowed_prefixes(index: PrefixIndex, allowed: AllowedPrefixes, num_row
         raise ValueError(f"allowed_prefixes has {allowed.num_rows} rows for {num_rows} prompts")
     if allowed.num_levels > index.num_levels:
         raise ValueError(f"allowed prefixes have m={allowed.num_levels} levels, the catalogue IDs L={index.num_levels}")
-    empty = (allowed.counts() == 0).nonzero().flatten().tolist()
+    empty = ((allowed.counts() == 0) & ~allowed.unrestricted).nonzero().flatten().tolist()
     if empty:
-        raise ValueError(f"allowed_prefixes row {empty[0]} is empty ({len(empty)} empty rows): decode such rows "
-                         "without allowed_prefixes (a full constrained decode, Think-Ahead's fallback)")
+        raise ValueError(f"allowed_prefixes row {empty[0]} is empty ({len(empty)} empty rows): mark a row without a "
+                         "set unrestricted (None in from_lists) to decode it over the whole catalogue (the fallback)")
     keys = _PrefixKeys(index, allowed)
     dead = (keys.nodes[-1] < 0).nonzero().flatten().tolist()
     if dead:
@@ -147,6 +162,7 @@ def check_allowed_prefixes(index: PrefixIndex, allowed: AllowedPrefixes, num_row
     if depth:
         start_node = index.nodes_of_prefix(start_codes[:, :depth].to(index.device))  # [B] at level depth
         ok = keys.contains(depth, torch.arange(num_rows, device=index.device), start_node)
+        ok |= allowed.unrestricted.to(index.device)
         if not bool(ok.all()):
             row = int((~ok).nonzero()[0, 0])
             raise ValueError(f"start_codes row {row} = {start_codes[row].tolist()} lies below none of the row's "
@@ -156,13 +172,14 @@ def check_allowed_prefixes(index: PrefixIndex, allowed: AllowedPrefixes, num_row
 def prefix_constraint(index: PrefixIndex, allowed: AllowedPrefixes) -> LevelMask:
     """The level mask of ``allowed`` (module docstring); call ``check_allowed_prefixes`` first."""
     keys = _PrefixKeys(index, allowed)
+    unrestricted = allowed.unrestricted.to(index.device)  # [B]
 
     def mask(level: int, node: torch.Tensor, beams: int) -> torch.Tensor | None:
         if level >= keys.num_levels:
             return None
         child = children(index, level, node)  # [R, K_l]
         row = (torch.arange(node.shape[0], device=node.device) // beams)[:, None]  # [R, 1] prompt of each beam row
-        return keys.contains(level + 1, row, child)
+        return keys.contains(level + 1, row, child) | unrestricted[row]
 
     return mask
 
