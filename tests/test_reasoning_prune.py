@@ -77,3 +77,28 @@ def test_config_and_missing_inputs_are_named():
         build_similarity(PruneConfig(similarity="item_tokens"), data, Examples())
     with pytest.raises(ValueError, match="similarity=text needs the sid config"):
         build_similarity(PruneConfig(similarity="text"), data, Examples())
+
+
+def test_text_similarity_embeds_once_and_reads_the_cache(monkeypatch, tmp_path):
+    import onerec_dist.sid.embed as embed
+    from onerec_dist.sid.config import SidConfig
+
+    calls = []
+
+    def fake_encoder(texts, model_name, batch_size, device):
+        calls.append(len(texts))
+        # A 2-d "embedding" per text: (length, number of 'a's), enough to tell texts apart.
+        return np.array([[len(t), t.count("a")] for t in texts], dtype=np.float32)
+
+    monkeypatch.setattr(embed, "encode_texts", fake_encoder)
+    titles = ["aaaa", "aaab", "zzzz"]
+    cat = Catalogue(["x", "y", "z"], titles, [""] * 3, [""] * 3, [[] for _ in range(3)])
+    data = InteractionData("d", cat, {"u": [0, 1, 2]})
+    cfg = PruneConfig(similarity="text", k=1)
+    sid_cfg = SidConfig(cache_dir=str(tmp_path), normalize=True)
+    sim = build_similarity(cfg, data, Examples(), sid_cfg=sid_cfg)
+    # Unit vectors of (4, 4), (4, 3), (4, 0): item 1 is closer to item 0 than item 2 is.
+    assert prune_history([2, 1], 0, sim, k=1) == [1]
+    again = build_similarity(cfg, data, Examples(), sid_cfg=sid_cfg)
+    assert calls == [3]  # the second build read every text from the cache
+    np.testing.assert_allclose(again(0, np.arange(3)), sim(0, np.arange(3)), rtol=1e-6)

@@ -21,6 +21,14 @@ from typing import Any, Literal, Protocol
 from onerec_dist.config import from_mapping, require
 
 TEACHER_KINDS = ("metadata", "template", "llm")
+# The llm teacher's default user message (conf/reasoning/teacher/llm.yaml holds the same text).
+DEFAULT_LLM_PROMPT = (
+    "A shopper's past purchases that matter most for their next one, oldest first:\n{history}\n{persona}\n"
+    "Their next purchase was: {target}\nWithout naming that item, its title or its ID, explain in three short "
+    "steps why a shopper like this would want an item like it next: 1) who the shopper is (stable interests, "
+    "brands), 2) which directions their interests could expand to, 3) which direction comes next and why now. "
+    "Only state what the purchases above support."
+)
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,7 @@ class LLMTeacherConfig:
     model: str | None = None
     backend: Literal["hf", "vllm"] = "hf"
     dtype: str = "auto"
-    prompt_template: str = ""
+    prompt_template: str = DEFAULT_LLM_PROMPT
     max_new_tokens: int = 192
     do_sample: bool = False
     temperature: float = 0.7
