@@ -133,3 +133,34 @@ def test_parse_continuation_closed_and_unclosed(think_setup):
     assert not cut.closed and cut.rest_ids == [] and cut.rationale_ids == ex.input_ids[len(prompt):len(prompt) + 3]
     # Force-closing an unclosed rationale gives a valid prefix for the item decoder.
     assert close_think(think, prompt, cut.rationale_ids)[-len(think.after_ids) - 1] == think.end_id
+
+
+def test_cot_sft_examples_mix_nothink_and_shuffle_as_configured(think_setup):
+    from onerec_dist.reasoning.sft_data import cot_sft_examples
+
+    tokenizer, think, item_ids = think_setup
+    records = [{"user": f"u{i}", "example_index": i, "history": [i % 5, (i + 1) % 5], "target": (i + 2) % 5,
+                "rationale": f"lenses {'then ' * (i + 1)}printers"} for i in range(20)]
+
+    def body(ex):  # the decoded rationale of an example ("" for an empty think block)
+        start = ex.input_ids.index(think.begin_id) + 1
+        return tokenizer.decode(ex.input_ids[start:ex.input_ids.index(think.end_id)]).strip()
+
+    plain = cot_sft_examples(records, CODES, tokenizer, think, max_length=512)
+    assert [body(e) for e in plain] == [r["rationale"] for r in records]
+    # Full history -> target: the prompt is the record's own history, the answer ends with the target's item.
+    assert plain[3].input_ids[:len(inference_prompt(tokenizer, think, CODES, [3, 4]))] == \
+        inference_prompt(tokenizer, think, CODES, [3, 4])
+    assert plain[3].input_ids[-5:] == item_ids[0] + [tokenizer.eos_token_id]  # target (3 + 2) % 5 = 0
+    # nothink_ratio 0.25 of 20 -> exactly 5 empty blocks; the others keep their own rationale.
+    mixed = cot_sft_examples(records, CODES, tokenizer, think, max_length=512, nothink_ratio=0.25, seed=1)
+    bodies = [body(e) for e in mixed]
+    assert bodies.count("") == 5 and sum(e.task == NOTHINK_TASK for e in mixed) == 5
+    assert all(b in ("", r["rationale"]) for b, r in zip(bodies, records))
+    # shuffle: the same multiset of rationales, most of them on another record (all 20 texts are distinct).
+    shuffled = [body(e) for e in cot_sft_examples(records, CODES, tokenizer, think, max_length=512,
+                                                  shuffle_rationales=True, seed=2)]
+    assert sorted(shuffled) == sorted(r["rationale"] for r in records)
+    assert sum(s != r["rationale"] for s, r in zip(shuffled, records)) >= 15
+    with pytest.raises(ValueError, match="reasoning.sft.nothink_ratio"):
+        cot_sft_examples(records, CODES, tokenizer, think, max_length=512, nothink_ratio=1.5)
