@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
-import json
 import os
 import platform
 import statistics
@@ -45,7 +44,7 @@ from onerec_dist.sid.prefix_index import PrefixIndex
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # _common sits beside this script (also when loaded by path)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment_record  # noqa: E402
+from _common import device_suffix, start_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FULL_SIZES = "1e4,1e5,1e6,1e7"
@@ -338,6 +337,7 @@ def parse_args(argv=None):
         "--threads", type=int, default=1, help="torch CPU threads; 0 = torch's choice (default 1, as the baseline)"
     )
     parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--allow-dirty", action="store_true", help="run on an uncommitted tree (recorded)")
     args = parser.parse_args(argv)
     try:
         sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
@@ -357,8 +357,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    run = start_run("prefix_index", args)
     device = torch.device(args.device)
-    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # other work on the machine
     if args.threads:
         torch.set_num_threads(args.threads)
     PrefixIndex.build(random_unique_codes(64, args.levels, args.codebook, 0).to(device), args.codebook)  # warm-up
@@ -371,7 +371,6 @@ def main(argv=None) -> dict:
         "device": args.device,
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_threads": torch.get_num_threads(),
-        "load_average_1min_at_start": load_at_start,
         "torch": torch.__version__,
         "quick": args.quick,
         "levels": args.levels,
@@ -381,11 +380,8 @@ def main(argv=None) -> dict:
         "batch": args.batch,
         "baseline": "Python dict prefix-tuple -> set of next codes; per-row lookup, one scatter for the [B, K] mask",
         "results": results,
-        "environment": environment_record(config=vars(args)),
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"prefix_index_{args.device}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem = run.finish(report, f"prefix_index_{device_suffix(args.device)}", args.out_dir).with_suffix("")
     write_csv(results, stem.with_suffix(".csv"))
     write_plot(results, stem.with_suffix(".png"), args.device)
     print(f"wrote {stem}.json, .csv, .png")

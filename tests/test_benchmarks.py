@@ -124,16 +124,18 @@ def fake_summary(step_s: float | list[float], tokens: float, steps: int = 3, par
     times = step_s if isinstance(step_s, list) else [step_s] * steps
     timings = [{"tokens": tokens, "data": 0.1 * t, "forward": 0.3 * t, "backward": 0.5 * t, "optimizer": 0.1 * t,
                 "total": t} for t in times]
-    return {"step_timings": timings, "num_params": params, "peak_flops_per_worker": 1e11, "loss_first": 7.0,
+    return {"step_timings": timings, "num_params": params, "trainable_params": params, "peak_flops_per_worker": 1e11,
+            "loss_first": 7.0,
             "loss_last": 6.9, "final_metrics": {"comm_per_step": [], "peak_memory_bytes_per_rank": [2**20, 2**21]}}
 
 
 def test_scaling_efficiency_and_zero_ratios_worked_by_hand():
     # one warm-up step (9 s, discarded), then 3 measured steps; medians 0.10 s and 0.16 s, fastest 0.10 s and 0.12 s
     args = bt.parse_args(["--quick", "--warmup-steps", "1", "--steps", "3"])
-    rows = [bt.summarise((1, 0, 4), fake_summary([9.0, 0.100, 0.100, 0.200], 512), args),
-            bt.summarise((2, 0, 4), fake_summary([9.0, 0.160, 0.160, 0.120], 1024), args),
-            bt.summarise((2, 3, 4), fake_summary(0.240, 1024, steps=4), args)]
+    args.flops_per_token, args.peak_flops_per_worker = 6000.0, 1e11  # as model_flops() would set them
+    rows = [bt.summarise((1, 0, "-", 4), fake_summary([9.0, 0.100, 0.100, 0.200], 512), args),
+            bt.summarise((2, 0, "-", 4), fake_summary([9.0, 0.160, 0.160, 0.120], 1024), args),
+            bt.summarise((2, 3, "regather", 4), fake_summary(0.240, 1024, steps=4), args)]
     bt.add_ratios(rows)
     one, two, two_z3 = rows
     # 1 worker: 512 tokens / 0.1 s = 5120 tok/s; 2 workers: 1024 / 0.16 = 6400 tok/s = 3200 per worker
@@ -143,21 +145,22 @@ def test_scaling_efficiency_and_zero_ratios_worked_by_hand():
     assert two["comm_est_s"] == pytest.approx(0.06)  # 0.16 - 0.10
     assert two["scaling_efficiency_best"] == pytest.approx(0.100 * 1024 / (2 * 0.120 * 512))  # 0.833
     assert two_z3["step_vs_zero0"] == pytest.approx(1.5) and two_z3["scaling_efficiency"] is None  # no W=1 ZeRO-3
-    # MFU = 6 x 1000 params x 3200 tok/s / 1e11 FLOP/s
-    assert two["mfu"] == pytest.approx(6 * 1000 * 3200 / 1e11)
+    # MFU = 6000 FLOPs/token x 3200 tok/s / 1e11 FLOP/s
+    assert two["mfu"] == pytest.approx(6000 * 3200 / 1e11)
     assert two["forward_s"] == pytest.approx(0.3 * 0.160) and two["peak_mem_mib"] == pytest.approx(2.0)
     assert len(two["_timings"]) == 3 and two["step_s_min"] == pytest.approx(0.120)
 
 
 def test_latency_bandwidth_fit_recovers_a_known_model():
     # alpha = 3 ms per collective, beta = 500 MB/s: (5 + 2 engine) calls + 1e6 bytes -> 21 ms + 2 ms = 23 ms, ...
-    rows = [{"workers": 2, "zero_stage": z, "micro_batch": 4, "comm_calls": n, "comm_wire_bytes": b,
-             "comm_est_s": (n + 2) * 3e-3 + b / 500e6} for z, n, b in ((0, 2, 5e5), (2, 5, 1e6), (3, 53, 3e6))]
-    rows.append({"workers": 1, "zero_stage": 0, "micro_batch": 4, "comm_calls": 2, "comm_wire_bytes": 0.0,
-                 "comm_est_s": 0.0})  # a 1-worker run is the baseline, not a point of the fit
+    rows = [{"workers": 2, "zero_stage": z, "zero3_mode": "-", "micro_batch": 4, "comm_calls": n,
+             "comm_wire_bytes": b, "comm_est_s": (n + 2) * 3e-3 + b / 500e6}
+            for z, n, b in ((0, 2, 5e5), (2, 5, 1e6), (3, 53, 3e6))]
+    rows.append({"workers": 1, "zero_stage": 0, "zero3_mode": "-", "micro_batch": 4, "comm_calls": 2,
+                 "comm_wire_bytes": 0.0, "comm_est_s": 0.0})  # a 1-worker run is the baseline, not a point of the fit
     fit = bt.fit_latency_bandwidth(rows)
     assert fit["alpha_s"] == pytest.approx(3e-3) and fit["beta_bytes_per_s"] == pytest.approx(500e6)
-    assert fit["points"] == [[2, 0, 4], [2, 2, 4], [2, 3, 4]] and fit["predicted_s"][1] == pytest.approx(0.023)
+    assert fit["points"] == [[2, 0, "-", 4], [2, 2, "-", 4], [2, 3, "-", 4]] and fit["predicted_s"][1] == pytest.approx(0.023)
     assert bt.fit_latency_bandwidth(rows[:1]) is None
 
 
@@ -165,6 +168,8 @@ def test_training_cli_defaults_and_errors(capsys):
     quick = bt.parse_args(["--quick"])
     assert (quick.workers, quick.zero_stages, quick.micro_batches) == ([1, 2], [0, 2, 3], [4])
     assert quick.precision == "fp32" and quick.vocab == 1024 and quick.threads_per_worker == 1
+    assert quick.zero3 == ["regather", "deepspeed"] and quick.repeats == 3  # ZeRO-3 both ways; >= 3 repeats quick
+    assert bt.parse_args([]).repeats == 5
     with pytest.raises(SystemExit):
         bt.parse_args(["--workers", "1,4096"])
     assert "needs 4096 CPU cores" in capsys.readouterr().err
@@ -246,8 +251,16 @@ def test_writers_produce_readable_files(tmp_path):
 
 def test_training_plot_writes_a_png(tmp_path):
     args = bt.parse_args(["--quick", "--warmup-steps", "0", "--steps", "3"])
-    rows = [bt.summarise((w, z, 4), fake_summary(0.1 * w * (1 + z), 512 * w), args) for w in (1, 2) for z in (0, 3)]
+    args.flops_per_token, args.peak_flops_per_worker = 6000.0, 1e11
+    runs = [bt.summarise((w, z, "-" if z == 0 else "regather", 4), fake_summary(0.1 * w * (1 + z) * (1 + r / 10),
+                                                                               512 * w), args)
+            for r in range(3) for w in (1, 2) for z in (0, 3)]
+    rows = bt.aggregate(runs)
     bt.add_ratios(rows)
+    # three repeats of the 1-worker ZeRO-0 run: 0.10, 0.11, 0.12 s -> median 0.11, q1 0.105, q3 0.115
+    one = rows[0]
+    assert (one["step_s"], one["step_s_q1"], one["step_s_q3"]) == pytest.approx((0.11, 0.105, 0.115))
+    assert one["repeats"] == 3 and one["step_s_min"] == pytest.approx(0.10)
     assert bt.write_plot(rows, tmp_path / "t.png", "test").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -272,9 +285,11 @@ def test_run_benchmarks_dispatches_with_the_shared_options(monkeypatch):
         "training": "training"}
     assert calls == [("training", ["--quick", "--device", "cpu", "--workers", "1"])]
     calls.clear()
-    run_benchmarks.main(["all"])
-    assert calls == [(name, []) for name in run_benchmarks.BENCHMARKS]
-    assert set(run_benchmarks.BENCHMARKS) == {"training", "decoding", "prefix_index", "constrained_step"}
+    run_benchmarks.main(["all", "--allow-dirty"])
+    assert calls == [(name, ["--allow-dirty", *extra]) for name, (_, extra) in run_benchmarks.BENCHMARKS.items()]
+    assert {"training", "decoding", "prefix_index", "constrained_step"} <= set(run_benchmarks.BENCHMARKS)
+    for module, _ in run_benchmarks.BENCHMARKS.values():  # every registered module exists beside the runner
+        assert (BENCH_DIR / f"{module}.py").is_file(), module
 
 
 def test_run_benchmarks_reaches_the_real_training_main(capsys):
@@ -282,3 +297,109 @@ def test_run_benchmarks_reaches_the_real_training_main(capsys):
     report = run_benchmarks.main(["training", "--", "--comm-model"])
     assert len(report["training"]["comm_model"]) == 3 * 4
     assert "| Qwen3-8B | 8.191 B | 256 | IB |" in capsys.readouterr().out
+
+
+# ---- provenance of every committed result ------------------------------------------------------------------------------
+RESULT_FILES = sorted((BENCH_DIR / "results").glob("*.json"))
+
+
+def check_provenance(report: dict, name: str) -> None:
+    prov = report.get("provenance")
+    assert isinstance(prov, dict), f"{name}: no provenance record"
+    assert set(_common.PROVENANCE_KEYS) <= set(prov), f"{name}: missing {set(_common.PROVENANCE_KEYS) - set(prov)}"
+    assert re.fullmatch(r"[0-9a-f]{40}", prov["git_commit"] or ""), f"{name}: git_commit {prov['git_commit']!r}"
+    assert prov["dirty"] is False and prov["allow_dirty"] is False, f"{name}: written from a dirty tree"
+    for package in _common.REQUIRED_PACKAGES:
+        assert prov["packages"].get(package), f"{name}: no version of {package}"
+    assert prov["cpu_model"] and prov["cpu_threads"] >= 1 and prov["torch_threads"] >= 1
+    for key in ("load_average_start", "load_average_end"):
+        assert len(prov[key]) == 3 and all(v >= 0 for v in prov[key]), f"{name}: {key} {prov[key]!r}"
+    if name.endswith("_gpu.json"):
+        assert prov["gpu_name"], f"{name}: a GPU result without gpu_name"
+    assert prov["started_utc"] <= prov["finished_utc"]
+
+
+@pytest.mark.parametrize("path", RESULT_FILES, ids=[p.name for p in RESULT_FILES])
+def test_every_result_file_records_its_provenance(path):
+    check_provenance(json.loads(path.read_text()), path.name)
+
+
+def test_every_result_file_belongs_to_a_json_with_provenance():
+    # CSV / PNG files sit beside the JSON of the same run; a file without one is stale (no script regenerates it)
+    stems = {p.stem for p in RESULT_FILES}
+    orphans = [p.name for p in (BENCH_DIR / "results").iterdir() if p.stem not in stems]
+    assert not orphans, f"result files without a JSON of their run: {orphans}"
+
+
+def test_start_run_refuses_a_dirty_tree_and_records_allow_dirty(tmp_path, monkeypatch):
+    monkeypatch.setattr(_common, "git_state", lambda repo=None: {"commit": "a" * 40, "dirty": True,
+                                                                   "dirty_paths": ["x.py"]})
+    with pytest.raises(_common.DirtyTreeError, match="x.py"):
+        _common.start_run("t", {"quick": True})
+    run = _common.start_run("t", {"quick": True}, allow_dirty=True)
+    path = run.finish({"results": [1]}, "t_cpu", tmp_path)
+    report = json.loads(path.read_text())
+    prov = report["provenance"]
+    assert prov["dirty"] is True and prov["allow_dirty"] is True and prov["git_commit"] == "a" * 40
+    assert prov["load_average_end"] is not None and report["results"] == [1] and report["wall_s"] >= 0
+    with pytest.raises(AssertionError, match="dirty"):
+        check_provenance(report, "t_cpu.json")  # the strict check rejects it
+
+
+def test_median_iqr_and_interleaving_worked_by_hand():
+    # [1, 2, 3, 4, 100]: median 3, inclusive quartiles 2 and 4 (the outlier moves neither)
+    st = _common.summarize([1, 2, 3, 4, 100])
+    assert (st["median"], st["q1"], st["q3"], st["iqr"], st["min"], st["n"]) == (3, 2, 4, 2, 1, 5)
+    assert _common.ratio_of_medians([2, 4, 6], [1, 2, 30]) == 2.0  # 4 / 2, not best-of 2 / 1
+    order = []
+    _common.interleaved_results({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=3, warmup=1)
+    assert order == ["a", "b", "b", "a", "a", "b", "b", "a"]  # rotates each round
+    with pytest.raises(ValueError, match="at least 3"):
+        _common.repeats(SimpleNamespace(repeats=2, quick=True))
+    assert _common.repeats(SimpleNamespace(repeats=None, quick=True)) == 3
+    assert _common.repeats(SimpleNamespace(repeats=None, quick=False)) == 5
+
+
+def test_scaling_md_section_is_generated_between_markers(tmp_path):
+    report = {"results": [{"params": 1000, "workers": 1, "zero_stage": 0, "zero3_mode": "-", "step_s": 0.0123,
+                           "mfu": 0.0456}],
+              "provenance": {"config": {"preset": "tiny"}, "git_commit": "b" * 40, "dirty": False, "cpu_model": "cpu",
+                             "cpu_threads": 2, "load_average_start": [1, 1, 1], "load_average_end": [1, 1, 1]},
+              "mfu": {"flops_per_token": 6000.0, "peak_flops_per_worker": 1e10, "peak_source": "measured GEMM"}}
+    (tmp_path / "training_cpu.json").write_text(json.dumps(report))
+    md = tmp_path / "SCALING.md"
+    md.write_text(f"# x\n{bt.MEASURED_BEGIN}\nold\n{bt.MEASURED_END}\ntail\n")
+    bt.update_scaling_md(tmp_path, md)
+    text = md.read_text()
+    assert "old" not in text and "| 1 | 0 | - | 12.3 |" in text and "4.56%" in text and text.endswith("tail\n")
+    assert "MEASURED_SECTION" not in (BENCH_DIR / "SCALING.md").read_text()
+    assert bt.MEASURED_BEGIN in (BENCH_DIR / "SCALING.md").read_text()
+
+
+# ---- decoding through the Triton step (interpreter) ---------------------------------------------------------------------
+def test_decoding_through_the_triton_step_matches_the_reference():
+    # conftest sets TRITON_INTERPRET=1 before triton is imported; tiny model, 300 items of 3 x 16 codes (16-wide rows:
+    # one block per row, a small grid), 3 users, 4 beams: items equal, scores equal to float rounding.
+    import bench_constrained_decoding as bd
+
+    args = bd.parse_args(["--quick", "--presets", "tiny", "--catalogues", "300:3x16", "--beams", "4", "--users", "3",
+                          "--min-history", "2", "--max-history", "4"])
+    model, tokenizer, item_tok = bd.build_model("tiny", 3, 16, args)
+    world = bd.build_catalogue(model, tokenizer, item_tok, 300, 3, 16, args)
+    prompts = world["prompts"]
+    reference = bd.decoder_for(world, 4, 4, step_impl="reference").decode(prompts)
+    triton = bd.decoder_for(world, 4, 4, step_impl="triton").decode(prompts)
+    assert torch.equal(triton.items, reference.items) and bool((reference.items >= 0).all())
+    torch.testing.assert_close(triton.scores, reference.scores, rtol=1e-5, atol=1e-5)
+    assert world["trie_build_s"] >= 0 and world["codes"].unique(dim=0).shape[0] == 300
+
+
+def test_synthetic_codes_are_unique_even_when_popular_parents_overflow():
+    import bench_constrained_decoding as bd
+
+    # 200 IDs of 2 x 16 codes with a steep Zipf law: the top parent would get far more than 16 children
+    codes = bd.synthetic_codes(200, 2, 16, 2.0, 0)
+    assert codes.shape == (200, 2) and codes.unique(dim=0).shape[0] == 200 and int(codes.max()) < 16
+    assert bd.parse_catalogue("100k:3x8192") == (100_000, 3, 8192)
+    with pytest.raises(ValueError):
+        bd.synthetic_codes(300, 2, 16, 1.0, 0)  # 300 > 16**2 = 256 IDs
