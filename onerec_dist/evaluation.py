@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
+from onerec_dist.baselines.config import SASRecConfig
 from onerec_dist.config import from_section, require
 from onerec_dist.data.types import Examples
 
-BASELINES = ("popular", "hf_generate")
+BASELINES = ("popular", "hf_generate", "sasrec")
 
 
 @dataclass
@@ -36,6 +37,7 @@ class EvalConfig:
     ks: list[int] = (1, 5, 10, 20)
     ndcg_ks: list[int] = (5, 10, 20)
     save_predictions: bool = True
+    sasrec: SASRecConfig = field(default_factory=SASRecConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.baseline, str):

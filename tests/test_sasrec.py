@@ -87,3 +87,29 @@ def test_exclude_history_and_config_validation():
         SASRecConfig(loss="bpr")
     with pytest.raises(ValueError, match="sasrec.hidden_size"):
         SASRecConfig(hidden_size=10, num_heads=3)
+
+
+def test_eval_stage_sasrec_baseline(tmp_path, capsys):
+    # `onerec eval eval.baseline=[popular,sasrec] eval.model=false` on tiny synthetic data: SASRec is trained on the
+    # leave-one-out training interactions, selected on validation, and ranks the test users over all 60 items.
+    import json
+
+    import pyarrow.parquet as pq
+
+    from onerec_dist.cli import main
+
+    args = ["eval", f"output_dir={tmp_path}", "data.synthetic.num_users=40", "data.synthetic.num_items=60",
+            "eval.top_k=10", "eval.beam_width=10", "eval.ks=[1,5,10]", "eval.ndcg_ks=[5,10]", "eval.model=false",
+            "eval.baseline=[popular,sasrec]", "eval.sasrec.max_epochs=3", "eval.sasrec.hidden_size=16",
+            "eval.sasrec.num_blocks=1"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    sasrec = summary["sasrec"]
+    assert {"recall@10", "ndcg@10", "validity", "best_epoch", "valid_recall@10", "curve"} <= set(sasrec)
+    assert sasrec["validity"] == 1.0 and len(sasrec["curve"]) == 3 and 1 <= sasrec["best_epoch"] <= 3
+    table = pq.read_table(tmp_path / "predictions.parquet")
+    items, targets = np.array(table.column("sasrec").to_pylist()), np.array(table.column("target").to_pylist())
+    assert items.shape == (40, 10)
+    assert sasrec["recall@10"] == pytest.approx((items == targets[:, None]).any(1).mean())
+    assert main([*args[:-3], "eval.sasrec.loss=bpr"]) != 0
+    assert "eval.sasrec.loss='bpr' is not allowed; allowed values: 'ce', 'bce'" in capsys.readouterr().err

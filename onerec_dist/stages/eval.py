@@ -54,6 +54,12 @@ def run(cfg, output_dir: Path) -> dict:
         summary["popular"] = {**ranking_report(items, targets, **report_args),
                               "users_per_s": len(examples) / max(clock.seconds(), 1e-9)}
         predictions["popular"] = items
+    if "sasrec" in eval_cfg.baseline:  # trained here on the training interactions, selected on validation
+        from onerec_dist.baselines.sasrec import sasrec_baseline
+
+        items, info = sasrec_baseline(data, splits, examples, eval_cfg.sasrec, eval_cfg.top_k, eval_cfg.exclude_history)
+        summary["sasrec"] = {**ranking_report(items, targets, **report_args), **info}
+        predictions["sasrec"] = items
     if eval_cfg.model or "hf_generate" in eval_cfg.baseline:
         model, tokenizer, item_tok = build_recommender(model_cfg, data, sizes, item_codes, seed=cfg.seed)
         model.eval().to(resolve_device(eval_cfg.device))
@@ -72,11 +78,11 @@ def run(cfg, output_dir: Path) -> dict:
             summary["hf_generate"] = {**ranking_report(items, targets, **report_args),
                                       "users_per_s": len(examples) / max(seconds, 1e-9), "seconds": seconds}
             predictions["hf_generate"] = items
-    for name in ("model", "popular", "hf_generate"):
+    for name in ("model", "popular", "sasrec", "hf_generate"):
         if name in summary:
             print(f"eval {name:12s} " + "  ".join(f"{k}={v:.4f}" for k, v in summary[name].items()
                                                   if k.startswith(("recall@", "ndcg@", "validity"))))
-    main = summary.get("model") or summary.get("hf_generate") or summary["popular"]
+    main = summary.get("model") or summary.get("hf_generate") or summary.get("sasrec") or summary["popular"]
     summary.update({k: v for k, v in main.items() if k.startswith(("recall@", "ndcg@", "validity"))})
     if eval_cfg.save_predictions:
         summary["predictions_path"] = str(save_predictions(output_dir, examples, predictions))
