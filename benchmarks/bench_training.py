@@ -301,6 +301,7 @@ class SyntheticLMJob:
     n_examples: int = 64
     seed: int = 0
     cuda: bool = False
+    attn: str = "sdpa"
     _snapshots: list = field(default_factory=list, repr=False)
     _memory: list = field(default_factory=list, repr=False)
 
@@ -309,7 +310,8 @@ class SyntheticLMJob:
 
         reset_peak_memory(self.cuda)
         self._snapshots, self._memory = [], []
-        model = build_tiny_model(_VocabOnly(self.vocab_size), self.preset, attn_implementation="sdpa", seed=self.seed)
+        model = build_tiny_model(_VocabOnly(self.vocab_size), self.preset, attn_implementation=self.attn,
+                                 seed=self.seed)
         return model, None
 
     def examples(self):
@@ -353,7 +355,8 @@ def run_specs(args, workers: int, root: Path):
         for micro, stage, mode in configs:
             steps = args.warmup_steps + args.steps + 1  # +1: the last step's comms fall outside every interval
             job = SyntheticLMJob(preset=args.preset, vocab_size=args.vocab, seq_len=args.seq_len,
-                                 n_examples=steps * workers * micro, seed=args.seed, cuda=args.device == "cuda")
+                                 n_examples=steps * workers * micro, seed=args.seed, cuda=args.device == "cuda",
+                                 attn=args.attn)
             trainer = TrainerConfig(
                 num_workers=workers, use_gpu=args.device == "cuda", cpus_per_worker=args.threads_per_worker,
                 max_steps=steps, micro_batch_size=micro, grad_accum_steps=1, lr=1e-4, lr_schedule="constant",
@@ -633,6 +636,8 @@ def parse_args(argv=None):
                         help="comma list of ZeRO-3 settings to run: regather (partition every parameter, gather per "
                              "module before forward and again before backward: the large-model regime) and/or "
                              "deepspeed (DeepSpeed's default prefetch / persistence / reuse settings)")
+    parser.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flash_attention_2", "eager"],
+                        help="attention kernel; auto: flash-attn for bf16 on CUDA when installed, else SDPA")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="", help="suffix of the result files: training_<cpu|gpu>_<tag>.*")
     parser.add_argument("--no-scaling-md", action="store_true", help="do not regenerate SCALING.md section 4")
@@ -661,6 +666,12 @@ def parse_args(argv=None):
     args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but torch.cuda.is_available() is False")
+    from onerec_dist.models import resolve_attn_implementation
+
+    try:
+        args.attn = resolve_attn_implementation(args.attn, torch.bfloat16 if args.precision == "bf16" else None)
+    except ValueError as err:
+        parser.error(str(err))
     args.comms_logger = args.comms_logger == "on" or (args.comms_logger == "auto" and args.device == "cpu")
     needed = max(args.workers) * (1 if args.device == "cuda" else args.threads_per_worker)
     if needed > devices:

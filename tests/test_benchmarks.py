@@ -403,3 +403,25 @@ def test_synthetic_codes_are_unique_even_when_popular_parents_overflow():
     assert bd.parse_catalogue("100k:3x8192") == (100_000, 3, 8192)
     with pytest.raises(ValueError):
         bd.synthetic_codes(300, 2, 16, 1.0, 0)  # 300 > 16**2 = 256 IDs
+
+
+# ---- the GPU script ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_piece_on_cpu():
+    # every registered piece at toy size on CPU, results to a temp folder; skips (missing modules) are allowed
+    import subprocess
+
+    result = subprocess.run(["bash", str(BENCH_DIR / "gpu_check.sh"), "--dry-run"], capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "gpu_check: dry OK" in result.stdout
+    for name in ("kernel_tests", "constrained_step", "decoding", "training"):
+        assert f"OK   {name}" in result.stdout, result.stdout[-3000:]
+
+
+def test_gpu_check_registry_is_one_line_per_benchmark():
+    text = (BENCH_DIR / "gpu_check.sh").read_text()
+    names = re.findall(r"^register (\w+) ", text, flags=re.M)
+    assert {"kernel_tests", "constrained_step", "decoding", "training"} <= set(names)
+    assert "--presets qwen3-0.6b --catalogues 100k:4x256 --beams 32" in text  # the decoding check of the issue
+    assert "--preset qwen3-0.6b --precision bf16 --workers 1 --zero-stages 2" in text  # the training check

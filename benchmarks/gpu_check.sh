@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# One GPU check, <= 8 minutes on one GPU: kernel tests on CUDA, the step kernel against the bytes it must move (fraction
+# of a copy bandwidth measured in the same run), decoding (Qwen3-0.6B shape, 100k items, beams 32) vs HF, training
+# throughput + MFU of the Qwen3-0.6B shape in bf16 with ZeRO-2 on 1 GPU (flash-attn when installed, else SDPA), and
+# every benchmark registered below. Writes benchmarks/results/*_gpu.json (with provenance).
+#
+#   benchmarks/gpu_check.sh              # on the GPU machine
+#   benchmarks/gpu_check.sh --dry-run    # every piece at toy size on CPU (< 3 min on 2 idle cores), results to a temp dir
+#
+# Packages: torch / triton / transformers are expected installed. Others (deepspeed, ray, peft, hydra-core, ...) are
+# installed from a carried wheelhouse .whl/ when present (pip --no-index --target /tmp/site, see
+# /work/.library/device/README.md); a piece whose modules are missing is SKIPPED with a message, not failed.
+# Environment: PYTHON (default .venv/bin/python if present, else python3); GPU_CHECK_ALLOW_DIRTY=1 passes
+# --allow-dirty (recorded in the results) when the copy of the tree has no clean git state.
+# Exit status: 0 when no piece failed (skips allowed), 1 otherwise.
+#
+# To register a benchmark: ONE line `register NAME "MODULES" "GPU COMMAND" "DRY-RUN COMMAND"` below. Commands may use
+# $PY, $FLAGS (--allow-dirty or nothing) and $DRY_OUT (the dry run's results folder).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+MODE=gpu
+[[ "${1:-}" == "--dry-run" ]] && MODE=dry
+if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON; elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled \
+    PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled
+FLAGS=""
+[[ "${GPU_CHECK_ALLOW_DIRTY:-0}" == "1" ]] && FLAGS="--allow-dirty"
+DRY_OUT=""
+if [[ $MODE == dry ]]; then
+    DRY_OUT=$(mktemp -d /tmp/gpu_check_dry.XXXXXX)
+    FLAGS="--allow-dirty"  # toy results go to $DRY_OUT, never to benchmarks/results
+    export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+else
+    export TRITON_INTERPRET=0  # tests/conftest.py only sets it when unset: real kernels on the GPU
+    if [[ -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+            && export PYTHONPATH="$PYTHONPATH:/tmp/site" || echo "gpu_check: installing the wheelhouse .whl/ failed"
+    fi
+    "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+        || { echo "gpu_check: no CUDA device visible to $PY (use --dry-run on CPU)"; exit 1; }
+fi
+
+NAMES=(); MODULES=(); GPU_CMDS=(); DRY_CMDS=()
+register() { NAMES+=("$1"); MODULES+=("$2"); GPU_CMDS+=("$3"); DRY_CMDS+=("$4"); }
+
+# ---- the registry: name, modules it needs, GPU command, dry-run command ---------------------------------------------
+register kernel_tests "pytest triton" \
+    "$PY -m pytest -q -x tests/test_constrained_step_kernel.py" \
+    "$PY -m pytest -q -x tests/test_constrained_step_kernel.py -k 'hand_worked or strided'"
+register constrained_step "triton" \
+    "$PY benchmarks/bench_constrained_step.py --device cuda $FLAGS" \
+    "$PY benchmarks/bench_constrained_step.py --device cpu --quick --dtypes fp32 $FLAGS --out-dir $DRY_OUT"
+register decoding "transformers" \
+    "$PY benchmarks/bench_constrained_decoding.py --device cuda --presets qwen3-0.6b --catalogues 100k:4x256 --beams 32 --users 64 $FLAGS" \
+    "$PY benchmarks/bench_constrained_decoding.py --device cpu --quick --presets tiny --catalogues 2k:4x256 --beams 4 --users 4 $FLAGS --out-dir $DRY_OUT"
+register training "deepspeed ray" \
+    "$PY benchmarks/bench_training.py --device cuda --preset qwen3-0.6b --precision bf16 --workers 1 --zero-stages 2 --micro-batches 4 --seq-len 1024 --warmup-steps 3 --steps 8 $FLAGS" \
+    "$PY benchmarks/bench_training.py --device cpu --preset tiny --workers 1 --zero-stages 2 --micro-batches 2 --seq-len 32 --warmup-steps 1 --steps 2 --repeats 3 --no-scaling-md $FLAGS --out-dir $DRY_OUT"
+register loss_memory "transformers" \
+    "$PY benchmarks/bench_loss_memory.py --device cuda $FLAGS" \
+    "$PY benchmarks/bench_loss_memory.py --device cpu --quick $FLAGS --out-dir $DRY_OUT"
+# ----------------------------------------------------------------------------------------------------------------------
+
+SECONDS_PER_PIECE=${GPU_CHECK_PIECE_TIMEOUT:-$([[ $MODE == dry ]] && echo 150 || echo 240)}
+STARTED=$(date +%s)
+FAILED=0
+SUMMARY=()
+for i in "${!NAMES[@]}"; do
+    name=${NAMES[$i]}
+    missing=$("$PY" - "${MODULES[$i]}" <<'EOF'
+import importlib.util, sys
+print(" ".join(m for m in sys.argv[1].split() if importlib.util.find_spec(m) is None))
+EOF
+)
+    if [[ -n "$missing" ]]; then
+        msg="SKIP $name: module(s) $missing not installed (carry their wheels in .whl/, see /work/.library/device/README.md)"
+        echo "gpu_check: $msg"; SUMMARY+=("$msg"); continue
+    fi
+    cmd=$([[ $MODE == dry ]] && echo "${DRY_CMDS[$i]}" || echo "${GPU_CMDS[$i]}")
+    echo "gpu_check: === $name: $cmd"
+    t0=$(date +%s)
+    timeout "$SECONDS_PER_PIECE" bash -c "$cmd"
+    rc=$?
+    dt=$(( $(date +%s) - t0 ))
+    if [[ $rc -eq 0 ]]; then SUMMARY+=("OK   $name (${dt} s)"); else SUMMARY+=("FAIL $name (rc $rc, ${dt} s)"); FAILED=1; fi
+done
+echo "gpu_check: ---- summary ($MODE, $(( $(date +%s) - STARTED )) s) ----"
+printf '  %s\n' "${SUMMARY[@]}"
+[[ $MODE == dry ]] && ls "$DRY_OUT"
+if [[ $FAILED -eq 0 ]]; then echo "gpu_check: $MODE OK"; else echo "gpu_check: $MODE FAILED"; fi
+exit $FAILED
