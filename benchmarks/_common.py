@@ -17,8 +17,8 @@ Provenance (``run.finish`` writes it under the key "provenance", checked by test
     git_commit, dirty, dirty_paths, allow_dirty, packages {torch, deepspeed, ray, transformers, triton, ...},
     cpu_model, cpu_threads, torch_threads, gpu_name (None without a GPU), load_average_start / _end
     ([1, 5, 15] minutes), started_utc / finished_utc, python, platform, argv, benchmark, config.
-"dirty" looks at tracked changes and untracked files outside benchmarks/results/ (results written earlier in the
-same ``run_benchmarks.py all`` run do not make the tree dirty). Package versions come from package metadata, so
+"dirty" looks at tracked changes and untracked files outside benchmarks/results/ and benchmarks/SCALING.md (outputs
+written earlier in the same ``run_benchmarks.py all`` run do not make the tree dirty). Package versions come from package metadata, so
 recording deepspeed's version does not import deepspeed. matplotlib is imported inside the plot helpers only.
 Every figure is a median over ``repeats`` interleaved repeats (>= 5 full, >= 3 quick: ``repeats(args)``), given
 with its inter-quartile range; best-of (``min``) may be printed beside, never alone.
@@ -46,6 +46,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 RESULTS_RELATIVE = "benchmarks/results"
+GENERATED_PATHS = (RESULTS_RELATIVE, "benchmarks/SCALING.md")  # outputs of the benchmarks: not "dirty" source
 LIBRARIES = ("torch", "deepspeed", "ray", "transformers", "triton", "peft", "numpy", "flash-attn")
 REQUIRED_PACKAGES = ("torch", "deepspeed", "ray", "transformers", "triton")
 PROVENANCE_KEYS = ("benchmark", "git_commit", "dirty", "dirty_paths", "allow_dirty", "packages", "cpu_model",
@@ -121,10 +122,10 @@ def git_state(repo: Path = REPO) -> dict[str, Any]:
     """{"commit": sha or None, "dirty": bool or None, "dirty_paths": [...]}.
 
     Dirty: a tracked file differs from the commit, or an untracked (not ignored) file exists, anywhere except
-    benchmarks/results/ (the outputs themselves)."""
+    GENERATED_PATHS (benchmarks/results/ and SCALING.md, which the benchmarks themselves write)."""
     commit = _git("rev-parse", "HEAD", repo=repo)
     status = _git("status", "--porcelain", "--untracked-files=all", "--", ".",
-                  f":(exclude){RESULTS_RELATIVE}", repo=repo)
+                  *(f":(exclude){path}" for path in GENERATED_PATHS), repo=repo)
     paths = [line[3:] for line in status.splitlines() if line.strip()] if status is not None else None
     return {"commit": commit.strip() if commit else None, "dirty": None if paths is None else bool(paths),
             "dirty_paths": (paths or [])[:50]}

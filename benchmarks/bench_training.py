@@ -808,6 +808,7 @@ def update_scaling_md(results_dir: Path, path: Path) -> None:
 
     files = sorted(results_dir.glob("training_cpu*.json"))
     results = [(f.name, json.loads(f.read_text())) for f in files]
+    results = [(name, r) for name, r in results if "provenance" in r and "mfu" in r]  # older files: not shown
     text = path.read_text()
     if MEASURED_BEGIN not in text or MEASURED_END not in text:
         raise ValueError(f"{path} lacks the markers {MEASURED_BEGIN!r} ... {MEASURED_END!r}")
