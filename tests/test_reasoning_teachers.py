@@ -1,7 +1,6 @@
 """Rationale teachers (onerec_dist.reasoning.teachers): metadata (three levels, training-split statistics, ID-only
 data), template, llm (batched seeded generate on a tiny from-scratch model), and their typed configs."""
 
-import copy
 from pathlib import Path
 
 import numpy as np

@@ -98,7 +98,8 @@ class LLMTeacherConfig:
                 f"{self.backend!r} is not allowed; allowed values: 'hf', 'vllm'")
         require("{history}" in self.prompt_template and "{target}" in self.prompt_template,
                 "reasoning.teacher.prompt_template", "must contain the fields {history} and {target}")
-        require(self.max_new_tokens >= 1, "reasoning.teacher.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        require(self.max_new_tokens >= 1, "reasoning.teacher.max_new_tokens",
+                f"must be >= 1, got {self.max_new_tokens}")
         require(self.temperature > 0, "reasoning.teacher.temperature", f"must be > 0, got {self.temperature}")
         require(0 < self.top_p <= 1, "reasoning.teacher.top_p", f"must be in (0, 1], got {self.top_p}")
 
