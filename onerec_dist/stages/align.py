@@ -67,7 +67,8 @@ def build_examples(align_cfg: AlignConfig, stage: str, data, train, item_codes, 
         data, train, item_codes, tokenizer, ratios=mt.ratios or None, num_examples=mt.num_examples,
         max_length=align_cfg.max_length, seed=seed, general_text_path=mt.general_text_path,
         max_history=align_cfg.max_history, max_persona_items=align_cfg.max_persona_items,
-        max_description_tokens=mt.max_description_tokens, explicit_ratios=explicit)
+        max_description_tokens=mt.max_description_tokens, explicit_ratios=explicit,
+        sequential_format=mt.sequential_format)
     for task, reason in stats["dropped_tasks"].items():
         print(f"align multitask: task {task} dropped: {reason}")
     return examples, stats

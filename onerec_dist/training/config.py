@@ -223,6 +223,7 @@ class MultitaskSettings:
     ratios: dict = field(default_factory=dict)
     general_text_path: str | None = None
     max_description_tokens: int = 64
+    sequential_format: Literal["window", "whole_sequence"] = "window"
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 

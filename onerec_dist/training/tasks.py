@@ -396,6 +396,11 @@ def _build_pool(task: str, data: InteractionData, train: Examples, item_codes: n
     if task == PERSONA:
         return persona_grounding(data, train, item_codes, tokenizer, max_length=max_length,
                                  max_items=options["max_persona_items"], report=report)
+    if task == SEQUENTIAL and options["sequential_format"] == "whole_sequence":  # training/tasks_sequence.py
+        from onerec_dist.training.tasks_sequence import whole_sequence_preference
+
+        return whole_sequence_preference(data, train, item_codes, tokenizer, max_length=max_length,
+                                         max_history=options["max_history"], report=report)
     if task == SEQUENTIAL:
         return sequential_preference(data, train, item_codes, tokenizer, max_length=max_length,
                                      max_history=options["max_history"], report=report)
@@ -433,12 +438,15 @@ def build_alignment_mixture(data: InteractionData, train_examples: Examples, ite
                             max_length: int = 1024, seed: int = 0, general_text_path: str | None = None,
                             tasks: Sequence[str] | None = None, *, max_history: int | None = None,
                             max_persona_items: int | None = None, max_description_tokens: int = 64,
-                            explicit_ratios: Collection[str] | None = None) -> tuple[list[AlignmentExample], dict]:
+                            explicit_ratios: Collection[str] | None = None,
+                            sequential_format: str = "window") -> tuple[list[AlignmentExample], dict]:
     """The stage-2 Itemic Alignment mixture (module docstring) and its stats.
 
     ``num_examples`` None = the smallest total at which every task's pool appears at least once
     (max over tasks of ceil(pool / ratio)). Tasks with ratio 0 are not built. Raises ValueError for a task with
     ratio > 0 and no example after filtering, and for bad ratios / task names (``resolve_ratios``).
+    ``sequential_format``: window (one example per training target) | whole_sequence (one per user sequence, a loss
+    on every item; onerec_dist/training/tasks_sequence.py).
     ``explicit_ratios``: the tasks whose ratio the user chose (None = every task ``ratios`` names; with ``ratios``
     None, none); on a catalogue without item text the other text tasks are dropped (``drop_text_tasks``).
 
@@ -455,7 +463,10 @@ def build_alignment_mixture(data: InteractionData, train_examples: Examples, ite
         raise ValueError(f"num_examples must be an int >= 1 or None, got {num_examples!r}")
     if not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+    if sequential_format not in ("window", "whole_sequence"):
+        raise ValueError(f"sequential_format={sequential_format!r}; allowed: 'window', 'whole_sequence'")
     options = {"max_history": max_history, "max_persona_items": max_persona_items,
+               "sequential_format": sequential_format,
                "max_description_tokens": max_description_tokens, "general_text_path": general_text_path}
     active = {t: p for t, p in probabilities.items() if p > 0}
     pools, reports = {}, {}
