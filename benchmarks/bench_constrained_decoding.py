@@ -128,6 +128,14 @@ def parse_catalogue(text: str) -> tuple[int, int, int]:
         raise ValueError(f"catalogue {text!r}: expected SIZE:LEVELSxCODEBOOK, e.g. 100k:3x8192") from err
 
 
+def catalogue_size_label(num_items: int) -> str:
+    """1000000 -> '1m', 100000 -> '100k', 2500 -> '2500'."""
+    for unit, size in (("m", 1_000_000), ("k", 1_000)):
+        if num_items % size == 0:
+            return f"{num_items // size}{unit}"
+    return str(num_items)
+
+
 def build_model(preset: str, levels: int, codebook: int, args):
     """(model, tokenizer, item tokenizer) on args.device: a random Qwen3 of ``preset`` with the item tokens added."""
     corpus = [next_item_question([]), "The user has purchased, in order: a lamp, a chair, a red speaker, a blue tent."]
@@ -351,7 +359,7 @@ def main(argv=None) -> dict:
             for num_items in [n for n, lv, k in args.catalogues if (lv, k) == (levels, codebook)]:
                 world = build_catalogue(model, tokenizer, item_tok, num_items, levels, codebook, args)
                 point = {"preset": preset, "params": params, "vocab_rows": model.get_output_embeddings().weight.shape[0],
-                         "catalogue": f"{num_items // 1000}k:{levels}x{codebook}", "num_items": num_items,
+                         "catalogue": f"{catalogue_size_label(num_items)}:{levels}x{codebook}", "num_items": num_items,
                          "levels": levels, "codebook": codebook}
                 for width in args.beam_widths:
                     ablate = args.ablations == "on" or (args.ablations == "auto" and not args.quick and not rows)
