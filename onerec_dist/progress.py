@@ -4,17 +4,25 @@ Under Ray every line a worker writes reaches the driver's output, and a tqdm bar
 carriage-return update per refresh: hundreds of lines per stage in a log. ``Progress`` therefore picks by where its
 output goes: a terminal gets a rate-limited tqdm bar (``mininterval``), anything else (a log file, a Ray worker's
 captured stdout) gets one plain line every ``ceil(total / max_lines)`` updates plus a last line at ``close()``,
-so a stage writes at most ``max_lines + 1`` lines whatever its length. Ray workers get the mode of the driver's
-terminal (onerec_dist.distributed passes it) and draw a terminal bar through Ray's own tqdm (one bar on the driver).
+so a stage writes at most ``max_lines + 1`` lines whatever its length. A Ray worker never has a terminal: when the
+driver has one, the worker writes its count to a small file (``ProgressFile``, rate-limited) and the driver draws the
+one live bar from it (``watch_progress_file``): no dependence on how Ray forwards worker output (Ray Train V2
+re-routes a worker's print through its logger). The file lives in the run's output_dir, which the driver and the
+ranks share anyway (exports, summary).
 
 Pure: tqdm only.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Literal, TextIO
 
 Mode = Literal["bar", "lines", "off"]
@@ -93,3 +101,65 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class ProgressFile:
+    """The writer side of a relayed bar: ``update(n, **postfix)`` records the count in ``path`` (JSON, replaced
+    atomically) at most every ``min_interval`` seconds, and always at ``close()``."""
+
+    def __init__(self, path: str | Path, total: int | None, initial: int = 0, min_interval: float = 0.5):
+        self.path, self.total, self.n = Path(path), total, initial
+        self.min_interval, self._written = min_interval, 0.0
+        self._postfix: dict[str, Any] = {}
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        self.n += n
+        self._postfix.update(postfix)
+        if time.monotonic() - self._written >= self.min_interval:
+            self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"n": self.n, "total": self.total, "postfix": self._postfix}))
+        tmp.replace(self.path)
+        self._written = time.monotonic()
+
+    def close(self) -> None:
+        self._write()
+
+
+@contextmanager
+def watch_progress_file(path: str | Path, total: int | None, desc: str, *, enabled: bool = True,
+                        poll_s: float = 0.5, file: TextIO | None = None) -> Iterator[None]:
+    """Draw one bar (``mode="bar"``) on this process's terminal from what a ``ProgressFile`` at ``path`` reports,
+    polled every ``poll_s`` seconds by a daemon thread, until the block exits. A stale file is removed first."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    if not enabled:
+        yield
+        return
+    stop = threading.Event()
+    bar = Progress(total, desc, unit="step", mode="bar", file=file)
+
+    def follow() -> None:
+        shown = 0  # a resumed run's first report jumps to its checkpoint's step
+        while True:
+            stopping = stop.wait(poll_s)
+            try:
+                state = json.loads(path.read_text())
+            except (OSError, ValueError):  # not written yet, or replaced while read
+                state = None
+            if state is not None and state["n"] != shown:
+                bar.update(state["n"] - shown, **state["postfix"])
+                shown = state["n"]
+            if stopping:
+                return
+
+    thread = threading.Thread(target=follow, name="progress-file", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        bar.close()

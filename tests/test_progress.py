@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 
@@ -73,3 +74,25 @@ def test_training_logger_in_a_log_writes_a_bounded_number_of_lines(capsys, tmp_p
     silent.close()
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 20 and err[-1].startswith("train: 500/500 (100%) step")
+
+
+def test_a_relayed_bar_follows_the_writer(tmp_path):
+    # A Ray worker has no terminal: rank 0 writes its count to a file (at most every min_interval, always at close)
+    # and the driver draws the one bar from it. 100 updates with min_interval 0 -> the driver's bar ends at 100/100.
+    from onerec_dist.progress import ProgressFile, watch_progress_file
+
+    term, path = FakeTerminal(), tmp_path / "progress.json"
+    path.write_text('{"n": 7, "total": 9, "postfix": {}}')  # a previous run's file is removed, not shown
+    with watch_progress_file(path, 100, "train", poll_s=0.01, file=term):
+        assert not path.exists()
+        writer = ProgressFile(path, 100, min_interval=0.0)
+        for step in range(100):
+            writer.update(1, loss=f"{1 / (step + 1):.2f}")
+        writer.close()
+    out = term.getvalue()
+    assert "100/100" in out and "loss=0.01" in out and "7/9" not in out
+    assert json.loads(path.read_text())["n"] == 100
+    quiet = FakeTerminal()
+    with watch_progress_file(tmp_path / "other.json", 10, "train", enabled=False, file=quiet):
+        pass
+    assert quiet.getvalue() == ""

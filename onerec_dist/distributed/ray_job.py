@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from onerec_dist.distributed import checkpoint as ckpt
-from onerec_dist.distributed.worker import SUMMARY_FILE
-from onerec_dist.progress import terminal_mode
+from onerec_dist.distributed.worker import PROGRESS_FILE, SUMMARY_FILE
+from onerec_dist.progress import terminal_mode, watch_progress_file
 from onerec_dist.training.config import DeepSpeedConfig, TrainerConfig, check_resources
 from onerec_dist.training.engine_api import TrainJob
 
@@ -50,7 +50,10 @@ def run_training(job: TrainJob, trainer: TrainerConfig, ds: DeepSpeedConfig, out
     name = _run_name(trainer, storage)
     loop_config = {"job": job, "trainer": trainer, "deepspeed": ds, "output_dir": str(output_dir),
                    "resume_dir": str(resume_dir) if resume_dir else None, "progress": terminal_mode()}
-    result = _launch(_train_worker_entry, loop_config, trainer, storage, name)
+    # one live bar on the driver's terminal, fed by rank 0 through a file; in logs the workers write a few lines
+    with watch_progress_file(output_dir / PROGRESS_FILE, trainer.max_steps, "train",
+                             enabled=loop_config["progress"] == "bar"):
+        result = _launch(_train_worker_entry, loop_config, trainer, storage, name)
     summary = json.loads((output_dir / SUMMARY_FILE).read_text())
     summary["checkpoint_dir"] = result.checkpoint.path if result.checkpoint is not None else None
     summary["ray_run_dir"] = f"{storage}/{name}"
@@ -79,7 +82,7 @@ def run_sequence(runs: Sequence[tuple[TrainJob, TrainerConfig, DeepSpeedConfig, 
         if trainer.resume_mode == "path":  # workers run in other directories: make the path absolute here
             trainer = replace(trainer, resume=str(Path(trainer.resume).expanduser().resolve()))
         configs.append({"job": job, "trainer": trainer, "deepspeed": ds, "output_dir": str(out),
-                        "progress": terminal_mode()})
+                        "progress": "lines"})  # a sweep's log: a few lines per run
     storage = _storage_path(first, Path(configs[0]["output_dir"]))
     name = f"sequence-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     _launch(_train_worker_sequence_entry, {"runs": configs}, replace(first, max_failures=0), storage, name)

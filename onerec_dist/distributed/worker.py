@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import shutil
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,15 +28,18 @@ import torch
 
 from onerec_dist.distributed.checkpoint import find_checkpoint
 from onerec_dist.distributed.strategy import DeepSpeedStrategy, count_parameters, seed_everything
-from onerec_dist.progress import Progress
+from onerec_dist.progress import Progress, ProgressFile
 from onerec_dist.training.config import DeepSpeedConfig, TrainerConfig, peak_flops_per_worker
 from onerec_dist.training.engine_api import StepContext, StepSource, TrainJob
 from onerec_dist.training.flops import training_flops_per_token
+from onerec_dist.training.validation import ValidationTracker, mean_metrics, plot_learning_curve
 
 EXPORT_DIR = "export"
+BEST_DIR = "best"  # the best validated step's model (trainer.validate_every)
 STAGING_DIR = "checkpoint_staging"
 CHECKPOINTS_DIR = "checkpoints"  # run_sequence's checkpoints (run_training's live in Ray's storage_path)
 SUMMARY_FILE = "train_summary.json"  # written by rank 0, read by run_training on the driver
+PROGRESS_FILE = "progress.json"  # rank 0's step count, drawn as a bar by the driver when it has a terminal
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -87,8 +90,8 @@ class PhaseTimer:
 class RankZeroLogger:
     """Progress and wandb (offline by default) on rank 0; silent elsewhere.
 
-    ``progress`` (the driver's choice, onerec_dist.progress.terminal_mode): "bar" draws one live bar on the driver's
-    terminal through Ray's tqdm (a plain tqdm outside Ray); "lines" writes at most ~20 lines per run into the log.
+    ``progress`` (the driver's choice, onerec_dist.progress.terminal_mode): "bar" relays the step count through
+    output_dir/PROGRESS_FILE to the driver, which draws one live bar; "lines" writes at most ~20 lines per run.
     """
 
     def __init__(self, trainer: TrainerConfig, output_dir: Path, rank: int, initial_step: int, config: dict,
@@ -97,7 +100,7 @@ class RankZeroLogger:
         self.bar = self.run = None
         if not self.enabled:
             return
-        self.bar = _progress(progress, trainer.max_steps, initial_step)
+        self.bar = _progress(progress, trainer.max_steps, initial_step, output_dir)
         if trainer.wandb.mode != "disabled":
             import wandb
 
@@ -119,28 +122,9 @@ class RankZeroLogger:
             self.run.finish()
 
 
-class _RayBar:
-    """Ray's tqdm (drawn once by the driver, which receives the worker's updates), with Progress's update()."""
-
-    def __init__(self, total: int, initial: int):
-        from ray.experimental.tqdm_ray import tqdm
-
-        self.bar = tqdm(total=total, desc="train", unit="step")
-        self.bar.update(initial)
-
-    def update(self, n: int = 1, **postfix: Any) -> None:
-        if postfix:
-            self.bar.set_description("train " + " ".join(f"{k}={v}" for k, v in postfix.items()))
-        self.bar.update(n)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _progress(mode: str, total: int, initial: int):
-    ray = sys.modules.get("ray")
-    if mode == "bar" and ray is not None and ray.is_initialized():  # a Ray worker: its stdout is no terminal
-        return _RayBar(total, initial)
+def _progress(mode: str, total: int, initial: int, output_dir: Path):
+    if mode == "bar":  # the driver has a terminal and draws the bar from this file (ray_job.run_training)
+        return ProgressFile(output_dir / PROGRESS_FILE, total, initial)
     return Progress(total, "train", unit="step", mode=mode, initial=initial)
 
 
@@ -207,6 +191,7 @@ def run_one(config: dict[str, Any], publish: str, resume_dir: str | Path | None)
         state = client_state["state"]
 
     loop = _Loop(job, trainer, strategy, engine, source, tasks, output_dir, num_params, fingerprint, publish)
+    loop.tokenizer, loop.max_steps = tokenizer, step_budget(trainer, source)
     # 4N + 2N_train + attention; a producer without planned lengths counts no attention
     loop.flops_per_token = training_flops_per_token(model, getattr(source, "lengths", ()))
     logger = RankZeroLogger(trainer, output_dir, strategy.rank, state["step"],
@@ -218,6 +203,7 @@ def run_one(config: dict[str, Any], publish: str, resume_dir: str | Path | None)
 
     export_dir = output_dir / EXPORT_DIR
     strategy.export_hf(engine, tokenizer, export_dir)
+    validation = loop.finish_validation(state, export_dir)  # export/ = the best step's model when selected
     if strategy.is_rank0:
         job.save_model_extras(export_dir)
     engine.eval()
@@ -228,6 +214,7 @@ def run_one(config: dict[str, Any], publish: str, resume_dir: str | Path | None)
                "losses": losses, "steps": state["step"], "world_size": strategy.world_size,
                "num_params": num_params, "trainable_params": trainable_params, "tasks": tasks, "log": state["log"],
                "export_dir": str(export_dir), "checkpoint_dir": loop.last_checkpoint, "final_metrics": final_metrics,
+               **({"validation": validation} if validation else {}),
                **run_stats}
     if strategy.is_rank0:  # Ray Train V2 keeps only metrics reported with checkpoints, so the summary goes to a file
         shutil.rmtree(output_dir / STAGING_DIR, ignore_errors=True)
@@ -235,6 +222,17 @@ def run_one(config: dict[str, Any], publish: str, resume_dir: str | Path | None)
         tmp.write_text(json.dumps(summary, indent=1, default=str))
         tmp.replace(output_dir / SUMMARY_FILE)
     strategy.barrier()
+
+
+def step_budget(trainer: TrainerConfig, source: StepSource) -> int:
+    """trainer.max_steps, or fewer when trainer.max_epochs is set: epochs x the steps of the sampler's epoch 0."""
+    if trainer.max_epochs is None:
+        return trainer.max_steps
+    sampler = getattr(source, "sampler", None)
+    if sampler is None:
+        raise ValueError("trainer.max_epochs needs a step source that has epochs (a dataset sampler); this job's "
+                         "has none: use trainer.max_steps")
+    return max(1, min(trainer.max_steps, math.ceil(trainer.max_epochs * sampler.steps_in_epoch(0))))
 
 
 class _Loop:
@@ -284,7 +282,8 @@ class _Loop:
         interval = torch.zeros(3 + 2 * num_tasks, dtype=torch.float64)
         tokens = 0.0
         started = interval_start = time.perf_counter()
-        while state["step"] < t.max_steps:
+        max_steps = self.max_steps
+        while state["step"] < max_steps:
             stats = self.train_step()
             state["step"] += 1
             step = state["step"]
@@ -293,14 +292,17 @@ class _Loop:
             tokens += float(stats[2])
             interval += stats
             logger.step(loss)
-            if step % t.log_every == 0 or step == t.max_steps:
+            if step % t.log_every == 0 or step == max_steps:
                 row = self._log_row(step, loss, interval, time.perf_counter() - interval_start)
                 state["log"].append(row)
                 logger.log(row)
                 interval.zero_()
                 interval_start = time.perf_counter()
-            if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.max_steps):
+            stop = self.validate(state, step, max_steps, time.perf_counter() - started)
+            if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == max_steps or stop):
                 self.save_and_report(state, loss)
+            if stop:
+                break
         seconds = time.perf_counter() - started
         per_worker = tokens / strategy.world_size / seconds if seconds > 0 else 0.0
         return {"resumed_from_step": start_step, "tokens": int(tokens), "seconds": round(seconds, 3),
@@ -316,6 +318,48 @@ class _Loop:
             count = float(interval[3 + n + i])
             row[f"loss/{task}"] = float(interval[3 + i]) / count if count else None
         return row
+
+    def validate(self, state: dict[str, Any], step: int, max_steps: int, seconds: float) -> bool:
+        """Every ``validate_every`` steps and at the last: the job's ``validate`` on every rank, sums all-reduced,
+        the best step's model exported to output_dir/best (onerec_dist/training/validation.py). True = stop early."""
+        t, validate = self.trainer, getattr(self.job, "validate", None)
+        if not (t.validate_every and validate) or (step % t.validate_every and step != max_steps):
+            return False
+        tracker = ValidationTracker.from_state(state.get("validation"), t.select_metric, t.patience)
+        self.engine.eval()
+        with torch.no_grad():
+            local = validate(self.engine, step)
+        self.engine.train()
+        names = sorted(local)
+        totals = self.strategy.all_reduce(torch.tensor([float(local[n]) for n in names], dtype=torch.float64))
+        metrics = mean_metrics(dict(zip(names, totals.tolist())))
+        if tracker.record(step, seconds, metrics) and t.export_best:
+            self.strategy.export_hf(self.engine, self.tokenizer, self.output_dir / BEST_DIR)
+            if self.strategy.is_rank0:
+                self.job.save_model_extras(self.output_dir / BEST_DIR)
+        state["validation"] = tracker.as_state()
+        if self.strategy.is_rank0:
+            print(f"validate step {step}: {t.select_metric}={metrics[t.select_metric]:.4f} "
+                  f"(best {tracker.best_value:.4f} at step {tracker.best_step})", flush=True)
+        return tracker.should_stop
+
+    def finish_validation(self, state: dict[str, Any], export_dir: Path) -> dict[str, Any] | None:
+        """The validation summary and plot (rank 0); with export_best, the best step's model replaces export/."""
+        if not state.get("validation"):
+            return None
+        t = self.trainer
+        tracker = ValidationTracker.from_state(state["validation"], t.select_metric, t.patience)
+        summary = tracker.summary()
+        best = self.output_dir / BEST_DIR
+        if self.strategy.is_rank0:
+            plot = plot_learning_curve(tracker.curve, t.select_metric, self.output_dir / "learning_curve.png")
+            summary["plot"] = str(plot) if plot else None
+            if t.export_best and best.is_dir():
+                shutil.rmtree(export_dir, ignore_errors=True)
+                shutil.copytree(best, export_dir)
+                summary["exported_step"] = tracker.best_step
+        self.strategy.barrier()
+        return summary
 
     def save_and_report(self, state: dict[str, Any], loss: float) -> None:
         """Every rank saves into its own staging directory, then publishes it: reported to Ray (which merges the
