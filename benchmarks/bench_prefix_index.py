@@ -33,7 +33,6 @@ import csv
 import gc
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ from onerec_dist.sid.prefix_index import PrefixIndex
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # _common sits beside this script (also when loaded by path)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_suffix, start_run  # noqa: E402
+from _common import device_suffix, start_run, summarize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FULL_SIZES = "1e4,1e5,1e6,1e7"
@@ -140,8 +139,8 @@ def rss_bytes() -> int | None:
 # ------------------------------------------------------------------------------------------- timing
 
 
-def time_s(fn, device: torch.device, warmup: int, reps: int) -> float:
-    """Median wall time of fn() in seconds (CUDA-synchronised)."""
+def time_s(fn, device: torch.device, warmup: int, reps: int, spread: list | None = None) -> float:
+    """Median wall time of fn() in seconds (CUDA-synchronised); appends [q1, q3] to ``spread`` when given."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
@@ -152,7 +151,10 @@ def time_s(fn, device: torch.device, warmup: int, reps: int) -> float:
         fn()
         sync()
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    stats = summarize(samples)
+    if spread is not None:
+        spread.append([stats["q1"], stats["q3"]])
+    return stats["median"]
 
 
 def check_against_baseline(index, trie, level, node, prefixes, code, codebook):
@@ -185,7 +187,7 @@ def bench_index(codes, args, device, batches):
         "max_fanout": index.stats()["max_fanout"],
         "layout": index.stats()["layout"],
     }
-    level_s = []
+    level_s, level_iqr = [], []
     for level, (items, prefix, code) in enumerate(batches):
         node, code = index.nodes_of_prefix(prefix.to(device)), code.to(device)
 
@@ -193,8 +195,9 @@ def bench_index(codes, args, device, batches):
             index.allowed_codes(level, node)
             index.advance(level, node, code)
 
-        level_s.append(time_s(step, device, args.warmup, args.reps))
+        level_s.append(time_s(step, device, args.warmup, args.reps, level_iqr))
     result["index_step_ms_per_level"] = [s * 1e3 for s in level_s]
+    result["index_step_ms_q1_q3_per_level"] = [[q * 1e3 for q in pair] for pair in level_iqr]
     result["index_lookups_per_s"] = args.batch * len(batches) / sum(level_s)
     return index, result
 
@@ -214,16 +217,17 @@ def bench_baseline(codes, args, batches, index, device):
     result = {"baseline_items": built_items, "baseline_extrapolated": built_items < num_items}
     result["baseline_build_s"] = build_s * scale
     result["baseline_bytes"] = None if rss_before is None else (rss_after - rss_before) * scale
-    level_s, sets_s = [], []
+    level_s, sets_s, level_iqr = [], [], []
     cpu = torch.device("cpu")
     for level, (items, prefix, code) in enumerate(batches):
         prefixes, code_list = list(map(tuple, prefix.tolist())), code.tolist()
         if not result["baseline_extrapolated"]:
             node = index.nodes_of_prefix(prefix.to(device))
             check_against_baseline(index, trie, level, node, prefixes, code, args.codebook)
-        level_s.append(time_s(lambda: dict_trie_step(trie, prefixes, code_list, args.codebook), cpu, 1, 5))
+        level_s.append(time_s(lambda: dict_trie_step(trie, prefixes, code_list, args.codebook), cpu, 1, 5, level_iqr))
         sets_s.append(time_s(lambda: dict_trie_sets_step(trie, prefixes, code_list), cpu, 1, 5))
     result["baseline_step_ms_per_level"] = [s * 1e3 for s in level_s]
+    result["baseline_step_ms_q1_q3_per_level"] = [[q * 1e3 for q in pair] for pair in level_iqr]
     result["baseline_lookups_per_s"] = args.batch * len(batches) / sum(level_s)
     result["baseline_sets_only_lookups_per_s"] = args.batch * len(batches) / sum(sets_s)
     del trie
