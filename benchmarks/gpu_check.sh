@@ -24,6 +24,10 @@ MODE=gpu
 if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON; elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled \
     PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled
+# the repo's packages without installing it (kernels/ is installed as onerec_kernels, launch/ as onerec_launch)
+SHIM=$(mktemp -d /tmp/gpu_check_path.XXXXXX)
+ln -s "$PWD/kernels" "$SHIM/onerec_kernels" && ln -s "$PWD/launch" "$SHIM/onerec_launch" && ln -s "$PWD/conf" "$SHIM/onerec_conf"
+export PYTHONPATH="$PYTHONPATH:$SHIM"
 FLAGS=""
 [[ "${GPU_CHECK_ALLOW_DIRTY:-0}" == "1" ]] && FLAGS="--allow-dirty"
 DRY_OUT=""
@@ -45,13 +49,13 @@ NAMES=(); MODULES=(); GPU_CMDS=(); DRY_CMDS=()
 register() { NAMES+=("$1"); MODULES+=("$2"); GPU_CMDS+=("$3"); DRY_CMDS+=("$4"); }
 
 # ---- the registry: name, modules it needs, GPU command, dry-run command ---------------------------------------------
-register kernel_tests "pytest triton" \
+register kernel_tests "pytest hypothesis triton onerec_kernels" \
     "$PY -m pytest -q -x tests/test_constrained_step_kernel.py" \
     "$PY -m pytest -q -x tests/test_constrained_step_kernel.py -k 'hand_worked or strided'"
-register constrained_step "triton" \
+register constrained_step "triton onerec_kernels" \
     "$PY benchmarks/bench_constrained_step.py --device cuda $FLAGS" \
     "$PY benchmarks/bench_constrained_step.py --device cpu --quick --dtypes fp32 $FLAGS --out-dir $DRY_OUT"
-register decoding "transformers" \
+register decoding "transformers onerec_kernels" \
     "$PY benchmarks/bench_constrained_decoding.py --device cuda --presets qwen3-0.6b --catalogues 100k:4x256 --beams 32 --users 64 $FLAGS" \
     "$PY benchmarks/bench_constrained_decoding.py --device cpu --quick --presets tiny --catalogues 2k:4x256 --beams 4 --users 4 $FLAGS --out-dir $DRY_OUT"
 register training "deepspeed ray" \
