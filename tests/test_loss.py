@@ -145,9 +145,9 @@ def test_no_vocabulary_sized_tensor_beyond_a_chunk(tied):
 
 def test_lm_head_is_called_once_per_micro_batch_whatever_the_token_count():
     """ZeRO-3 gathers a module's parameters at each call (a collective): ranks must call the head equally often.
-    Plain Linear head: 1 call (last-position logits) + 1 (check) + 1 (the chunked loss), for 20 or 4 loss tokens."""
+    Plain Linear head: 1 call (last-position logits) + 1 (check) + 1 (the chunked loss), for 20, 4 or 0 loss tokens."""
     model = tiny_qwen3(tied=False)
-    for lengths, prompt in (((13, 9, 5), (4, 2, 1)), ((5, 3, 2), (4, 2, 1))):
+    for lengths, prompt in (((13, 9, 5), (4, 2, 1)), ((5, 3, 2), (4, 2, 1)), ((5, 3, 2), (5, 3, 2))):
         calls = []
         hook = model.lm_head.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
         causal_lm_loss_sums(model, make_batch(lengths, prompt), LossConfig("chunked", 3)).loss_sum.backward()

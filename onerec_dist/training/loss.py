@@ -187,11 +187,11 @@ def chunked_token_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: t
     (nothing vocabulary-sized is saved; the backward recomputes one chunk at a time); under ZeRO-3 that path calls
     the head a number of times that depends on the rank's token count, so keep such heads out of ZeRO-3.
     """
-    if hidden.shape[0] == 0:
-        return hidden.float().sum(dim=-1) * 0.0                     # [0], still connected to the graph
-    if type(head) is torch.nn.Linear:
+    if type(head) is torch.nn.Linear:  # also with N = 0 tokens: the head call (a ZeRO-3 collective) must happen
         return _through_module_call(
             head, lambda x: ChunkedLinearCrossEntropy.apply(x, head.weight, head.bias, targets, chunk_size), hidden)
+    if hidden.shape[0] == 0:
+        return hidden.float().sum(dim=-1) * 0.0                     # [0], still connected to the graph
     pieces = []
     for start in range(0, hidden.shape[0], chunk_size):
         hidden_chunk, target_chunk = hidden[start:start + chunk_size], targets[start:start + chunk_size]
