@@ -52,6 +52,7 @@ class TrainerConfig:
     use_gpu: bool = False
     cpus_per_worker: int = 1
     max_steps: int = 100
+    max_epochs: float | None = None
     batching: Literal["examples", "tokens"] = "examples"
     micro_batch_size: int = 8
     max_tokens: int = 4096
@@ -74,6 +75,10 @@ class TrainerConfig:
     max_failures: int = 0
     seed: int = 0
     log_every: int = 10
+    validate_every: int = 0
+    select_metric: str = "recall@10"
+    patience: int | None = None
+    export_best: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
     run_name: str = "train"
     storage_path: str | None = None
@@ -91,6 +96,9 @@ class TrainerConfig:
                      "bucket_window", "pad_to_multiple_of", "grad_accum_steps", "log_every"):
             require(getattr(self, name) >= 1, f"trainer.{name}", f"must be >= 1, got {getattr(self, name)}")
         require(self.lr > 0, "trainer.lr", f"must be > 0, got {self.lr}")
+        require(self.max_epochs is None or self.max_epochs > 0, "trainer.max_epochs", "must be > 0 or null")
+        require(self.validate_every >= 0, "trainer.validate_every", "must be >= 0 (0 = no validation)")
+        require(self.patience is None or self.patience >= 1, "trainer.patience", "must be >= 1 or null")
         require(0 <= self.min_lr <= self.lr, "trainer.min_lr",
                 f"must be in [0, trainer.lr={self.lr}], got {self.min_lr}")
         require(self.warmup_steps >= 0, "trainer.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
