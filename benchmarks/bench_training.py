@@ -767,6 +767,8 @@ def _cell(key: str, value: Any) -> str:
         return f"{value * 1e3:.1f}"
     if key == "mfu":
         return f"{value:.2%}"
+    if key.startswith("tokens") or key == "peak_mem_mib":
+        return f"{value:,.0f}"
     if isinstance(value, float):
         return f"{value:.3g}"
     return str(value)
