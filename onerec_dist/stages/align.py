@@ -85,7 +85,8 @@ def run(cfg, output_dir: Path, stage: str | None = None) -> dict:
         raise ValueError("align.multitask.trainable=lora contradicts deepspeed.zero_stage=3 (a ZeRO-3-partitioned "
                          "LoRA model cannot be merged for export); use deepspeed.zero_stage=0, 1 or 2 with LoRA")
     data = load_dataset(data_cfg)
-    train = make_splits(data, data_cfg).get("train")
+    splits = make_splits(data, data_cfg)
+    train = splits.get("train")
     if train is None or len(train) == 0:
         raise ValueError(f"dataset {data.name!r} has no training split: alignment needs training interactions")
     model_cfg = starting_model(cfg, stage, output_dir)
@@ -104,7 +105,9 @@ def run(cfg, output_dir: Path, stage: str | None = None) -> dict:
     write_examples(examples, data_dir)
     del examples
     job = AlignJob(str(init_dir), trainable, str(data_dir), item_tok.item_token_ids().tolist(),
-                   align_cfg.multitask.lora if trainable == "lora" else None)
+                   align_cfg.multitask.lora if trainable == "lora" else None,
+                   write_validation_sample(splits.get("valid"), item_codes, align_cfg, stage_dir, cfg.seed),
+                   align_cfg.validation_beam)
     summary = run_training(job, trainer_cfg, ds_cfg, stage_dir)
     summary.pop("log", None)
     summary.update({"align_stage": stage, "trainable": trainable, "data": data_stats,
@@ -116,6 +119,22 @@ def run(cfg, output_dir: Path, stage: str | None = None) -> dict:
     print(f"align {stage}: loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f} over "
           f"{summary['steps']} steps; export: {summary['export_dir']}")
     return summary
+
+
+def write_validation_sample(valid, item_codes, align_cfg: AlignConfig, stage_dir: Path, seed: int) -> str:
+    """The fixed sample of validation users that trainer.validate_every scores, as JSON for the workers; "" when
+    the dataset has no validation split (onerec_dist/training/validation.py)."""
+    from onerec_dist.training.validation import sample_users
+
+    if valid is None or len(valid) == 0:
+        return ""
+    pick = sample_users(len(valid), align_cfg.validation_users, seed).tolist()
+    path = stage_dir / "validation_sample.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"histories": [list(valid.histories[i]) for i in pick],
+                                "targets": [int(valid.targets[i]) for i in pick],
+                                "item_codes": [[int(c) for c in row] for row in item_codes]}))
+    return str(path)
 
 
 def verify_warmup(initial_model, export_dir: str, item_tok) -> dict | str:

@@ -39,6 +39,8 @@ class AlignJob:
     data_dir: str
     item_token_ids: list[int]
     lora: LoraSettings | None = None
+    validation_path: str = ""  # JSON of the validation sample (stages/align.py); "" = no validation data
+    validation_beam: int = 20
 
     def build_model(self):
         from onerec_dist.models import load_pretrained
@@ -46,6 +48,7 @@ class AlignJob:
         model, tokenizer = load_pretrained(self.init_dir, "auto", torch.float32)
         if self.trainable == "lora":
             model = self._wrap_lora(model)
+        self._tokenizer = tokenizer
         return model.train(), tokenizer
 
     def _wrap_lora(self, model):
@@ -61,7 +64,25 @@ class AlignJob:
     def step_source(self, ctx: StepContext) -> StepSource:
         from onerec_dist.training.shards import ShardedExamples
 
+        self._rank, self._world_size = ctx.rank, ctx.world_size
         return sampler_step_source(ShardedExamples(self.data_dir), ctx)
+
+    def validate(self, model, step: int) -> dict[str, float]:
+        """Recall@10 / NDCG@10 sums of this rank's share of the fixed validation sample, by constrained beam search
+        (onerec_dist.training.validation; trainer.validate_every). ZeRO-3 is not supported here: ranks may decode
+        different numbers of batches."""
+        import json
+
+        import numpy as np
+
+        from onerec_dist.training.validation import validate_recommender
+
+        if not self.validation_path:
+            raise ValueError("trainer.validate_every is set but the dataset has no validation split to validate on")
+        sample = json.loads(Path(self.validation_path).read_text())
+        return validate_recommender(model, self._tokenizer, np.asarray(sample["item_codes"]), sample["histories"],
+                                    sample["targets"], self._rank, self._world_size, beam_width=self.validation_beam,
+                                    top_k=10)
 
     def loss_units(self, batch: dict[str, Any]) -> int:
         return count_loss_tokens(batch["labels"])

@@ -242,11 +242,16 @@ class AlignConfig:
     max_history: int | None = None
     max_persona_items: int | None = 20
     verify_warmup: bool = True
+    validation_users: int | None = 1000
+    validation_beam: int = 20
     warmup: WarmupSettings = field(default_factory=WarmupSettings)
     multitask: MultitaskSettings = field(default_factory=MultitaskSettings)
 
     def __post_init__(self) -> None:
         require(self.max_length >= 16, "align.max_length", "must be >= 16")
+        require(self.validation_users is None or self.validation_users >= 1, "align.validation_users",
+                "must be >= 1 or null (all)")
+        require(self.validation_beam >= 10, "align.validation_beam", "must be >= 10 (Recall@10 needs 10 items)")
 
 
 def align_config(cfg) -> AlignConfig:
