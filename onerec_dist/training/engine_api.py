@@ -91,6 +91,10 @@ class TrainJob(Protocol):
     the directory) and build heavy things in ``build_model`` / ``step_source``.
 
     Every method runs on every rank and must be deterministic across ranks (same seed => same model and data plan).
+
+    Optional (not a Protocol member, so jobs without it still match): ``validate(model, step) -> dict[str, float]``,
+    this rank's metric sums plus ``"users"``, called every ``trainer.validate_every`` steps for model selection,
+    best-model export and early stopping (onerec_dist/training/validation.py).
     """
 
     def build_model(self) -> tuple[torch.nn.Module, Any]:
