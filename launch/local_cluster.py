@@ -63,32 +63,56 @@ class LocalRayCluster:
     def log_path(self) -> Path:
         return Path(self.temp_dir) / "ray_start.log"
 
-    def start(self) -> str:
-        """Start the head and wait until its dashboard accepts jobs; returns the dashboard address."""
+    def start(self, attempts: int = 3) -> str:
+        """Start the head and wait until its node has registered and its dashboard answers; returns the dashboard
+        address. A head whose node fails to start (on a loaded machine the raylet gives up waiting for the
+        dashboard agent and `ray start` exits) is started again on fresh ports, up to ``attempts`` times."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once()
+            except _NodeStartFailed as err:
+                if attempt == attempts:
+                    raise RuntimeError(f"`ray start` failed {attempts} times; last:\n{err}") from None
+                self.ports = {flag: free_port() for flag in _PORT_FLAGS}
+                self.address = f"http://127.0.0.1:{self.ports['--dashboard-port']}"
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> str:
         from onerec_dist.distributed.job_submission import connect
 
         Path(self.temp_dir).mkdir(parents=True, exist_ok=True)
         # Like a cluster started from an activated venv: `python` in a job's entrypoint is this interpreter.
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **self.env}
+        env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+               # The raylet waits for the dashboard agent (a Python process) to write its port file, then aborts the
+               # node; Ray's defaults are too short on a loaded 2-core machine (seen: raylet aborted after 16 s).
+               "RAY_raylet_start_wait_time_s": "120", "RAY_agent_register_timeout_ms": "120000", **self.env}
         with open(self.log_path, "w") as log:
             # Own session: the cluster's processes are told apart from everything else by their session id.
             self.process = subprocess.Popen(self.command(), env=env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
         deadline = time.monotonic() + self.start_timeout_s
         while True:
-            if self.process.poll() is not None:
+            text = self.log_path.read_text(errors="replace")
+            # A failed node start does not always end `ray start --block` (its other threads keep it alive).
+            if self.process.poll() is not None or "node timed out during startup" in text:
+                tail = self._log_tail()
                 self.stop()
-                raise RuntimeError(f"`ray start` exited with {self.process.returncode}:\n{self._log_tail()}")
+                raise _NodeStartFailed(f"`ray start` failed (exit code {self.process.returncode}):\n{tail}")
             try:
-                connect(self.address, timeout_s=0.0)
-                return self.address
+                # `ray start --block` prints this once its node has registered with the GCS; the dashboard can
+                # answer before that, and dies with the node when the node's start fails.
+                if "Ray runtime started." in text:
+                    connect(self.address, timeout_s=0.0)
+                    return self.address
             except ConnectionError:
-                if time.monotonic() >= deadline:
-                    self.stop()
-                    raise TimeoutError(f"Ray dashboard at {self.address} not up after {self.start_timeout_s} s "
-                                       f"(local.start_timeout_s):\n{self._log_tail()}") from None
-                time.sleep(0.5)
+                pass
+            if time.monotonic() >= deadline:
+                tail = self._log_tail()
+                self.stop()
+                raise TimeoutError(f"Ray head at {self.address} not up after {self.start_timeout_s} s "
+                                   f"(local.start_timeout_s):\n{tail}") from None
+            time.sleep(0.5)
 
     def _log_tail(self, lines: int = 30) -> str:
         try:
@@ -147,6 +171,10 @@ class LocalRayCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class _NodeStartFailed(RuntimeError):
+    """`ray start` exited before its node was up."""
 
 
 def _alive(proc) -> bool:

@@ -10,6 +10,7 @@ Later stages (reasoning, RL, serving) join this module as they land.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 from pathlib import Path
@@ -89,7 +90,7 @@ def head():
     """One `ray start --head` for the module: 2 CPUs, free ports, a short temp dir; stopped (and checked) at the end."""
     from onerec_launch.local_cluster import LocalRayCluster
 
-    cluster = LocalRayCluster(temp_dir=f"/tmp/rc_{secrets.token_hex(4)}", num_cpus=2,
+    cluster = LocalRayCluster(temp_dir=f"/tmp/rc_{secrets.token_hex(4)}", num_cpus=2, start_timeout_s=180,
                               env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"})
     try:
         cluster.start()
@@ -99,7 +100,8 @@ def head():
         leftovers = _leftover_processes(cluster.temp_dir)
         for proc in leftovers:
             proc.kill()
-        subprocess.run(["rm", "-rf", cluster.temp_dir])
+        if not os.environ.get("ONEREC_KEEP_RAY_LOGS"):  # set it to read the head's logs after a failure
+            subprocess.run(["rm", "-rf", cluster.temp_dir])
         assert not leftovers, f"processes survived LocalRayCluster.stop(): {leftovers}"
 
 
@@ -156,3 +158,39 @@ def test_short_pipeline(head, runs):
     assert summary["stages"] == ["prepare", "sid", "align_warmup", "eval"]
     for stage in summary["stages"]:
         assert (runs / "pipeline" / stage / "summary.json").is_file()
+
+
+@pytest.mark.slow
+def test_sweep_workers_by_zero_stage(head, runs):
+    """`onerec-launch sweep`: 1, 2 workers x ZeRO 0/2, each point its own Ray job on the head; one table + plot."""
+    import csv
+
+    from onerec_launch.cli import sweep_command
+
+    sweep_dir = runs / "sweep"
+    argv = ["ray", f"ray.address={head.address}", f"working_dir={REPO}", "env.OMP_NUM_THREADS=1",
+            "sweep.warmup_steps=1", "--", "onerec", "align", "stage=warmup", f"output_dir={sweep_dir}", *TINY,
+            "align.warmup.max_steps=4", "trainer.num_workers=1,2", "deepspeed.zero_stage=0,2"]
+    assert sweep_command(argv, cwd=runs) == 0
+    rows = list(csv.DictReader(open(sweep_dir / "scaling.csv")))
+    assert sorted((r["trainer.num_workers"], r["deepspeed.zero_stage"]) for r in rows) == [
+        ("1", "0"), ("1", "2"), ("2", "0"), ("2", "2")]
+    for row in rows:
+        assert row["status"] == "SUCCEEDED" and float(row["tokens_per_s"]) > 0
+        assert (Path(row["output_dir"]) / "relaunch.sh").is_file()
+        # efficiency is against the 1-worker point of the same ZeRO stage: exactly 1 there
+        if row["trainer.num_workers"] == "1":
+            assert float(row["scaling_efficiency"]) == 1.0
+        else:
+            assert float(row["comm_predicted_wire_bytes"]) > 0
+    report = json.loads((sweep_dir / "scaling.json").read_text())
+    assert report["provenance"]["git"] and all(p["command"].startswith("onerec-launch ray")
+                                               for p in report["points"].values())
+    assert (sweep_dir / "scaling.png").stat().st_size > 0
+    # Resumed: every point finished, nothing is submitted again.
+    log = runs / "sweep_resume.log"
+    import contextlib
+
+    with open(log, "w") as out, contextlib.redirect_stdout(out):
+        assert sweep_command(argv, cwd=runs) == 0
+    assert log.read_text().count("already; skipped") == 4
