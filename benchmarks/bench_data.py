@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -179,10 +180,15 @@ def run_in_subprocess(args, path: str, size: int) -> dict[str, Any]:
                "--workdir", str(Path(work) / "w"), *args.passthrough]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
                "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            raise RuntimeError(f"{path} x {size} failed:\n{done.stderr[-4000:]}")
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        for attempt in range(3):
+            shutil.rmtree(Path(work) / "w", ignore_errors=True)
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if done.returncode == 0:
+                return json.loads(done.stdout.strip().splitlines()[-1])
+            if "timed out during startup" not in done.stderr:  # only a Ray start on a busy machine is retried
+                break
+            print(f"{path} x {size}: Ray did not start in time (attempt {attempt + 1}); retrying", flush=True)
+        raise RuntimeError(f"{path} x {size} failed:\n{done.stderr[-4000:]}")
 
 
 # ------------------------------------------------------------------------------------------------- driver
