@@ -45,7 +45,7 @@ def close(actual: torch.Tensor, expected, rtol: float = 1e-5, atol: float = 1e-6
                                atol=atol)
 
 
-# ---- rewards ----------------------------------------------------------------------------------------------------------
+# ---- rewards ---------------------------------------------------------------------------------------------------------
 def beams_and_target() -> tuple[torch.Tensor, torch.Tensor]:
     """N = 2 rollouts, K = 3 beams (best first), L = 3 levels."""
     target = torch.tensor([[1, 2, 3],
@@ -104,7 +104,7 @@ def test_minionerec_beam_rewards_worked_by_hand():
     assert rewards.sum(dim=1).tolist() == approx((rank_aware_reward(beams, target) / s).tolist())
 
 
-# ---- advantages -------------------------------------------------------------------------------------------------------
+# ---- advantages ------------------------------------------------------------------------------------------------------
 REWARDS = torch.tensor([[1.0, 0.0, 0.0, 1.0],
                         [0.5, 0.5, 0.5, 0.5]])
 
@@ -126,7 +126,7 @@ def test_group_advantages_worked_by_hand():
         group_advantages(REWARDS, "ppo")
 
 
-# ---- per-token pieces -------------------------------------------------------------------------------------------------
+# ---- per-token pieces ------------------------------------------------------------------------------------------------
 def test_clipped_policy_loss_worked_by_hand():
     # ratios [[1.5, 1.1], [0.5, 1.0]], advantages [+1, -1], clip 0.2 -> ratio range [0.8, 1.2]
     ratios = torch.tensor([[1.5, 1.1], [0.5, 1.0]])
@@ -190,7 +190,7 @@ def test_grpo_loss_on_policy_worked_by_hand():
     close(grad, [[-0.5, -0.5, -0.5], [1.0, 1.0, 0.0]])
 
 
-# ---- micro-batching ---------------------------------------------------------------------------------------------------
+# ---- micro-batching --------------------------------------------------------------------------------------------------
 def _rollout_batch(seed: int = 0):
     """4 rollouts of up to 6 tokens (lengths 6, 2, 4, 1) from a linear policy logits = features @ weight."""
     g = torch.Generator().manual_seed(seed)
