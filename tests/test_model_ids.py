@@ -139,7 +139,8 @@ def test_cli_marks_explicit_sid_keys():
 
 
 # ---- end to end: a trained model is evaluated with its own IDs -------------------------------------------------------
-TINY = ["data.synthetic.num_users=40", "data.synthetic.num_items=30", "sid.codebook_size=4", "trainer.num_workers=1",
+SID = ["sid.codebook_size=4"]
+TINY = ["data.synthetic.num_users=40", "data.synthetic.num_items=30", "trainer.num_workers=1",
         "trainer.micro_batch_size=4", "trainer.max_steps=2", "trainer.precision=fp32", "align.max_length=128",
         "align.warmup.max_steps=2", "eval.beam_width=5", "eval.top_k=5", "eval.ks=[1,5]", "eval.ndcg_ks=[5]",
         "eval.baseline=none", "eval.save_predictions=false"]
@@ -152,7 +153,7 @@ def pipeline_run(tmp_path_factory):
     temp = f"/tmp/ray_m{os.getpid()}"
     ray.init(num_cpus=2, _temp_dir=temp)
     try:
-        assert main(["pipeline", f"output_dir={out}", "pipeline.stages=[sid,align_warmup,eval]", *TINY]) == 0
+        assert main(["pipeline", f"output_dir={out}", "pipeline.stages=[sid,align_warmup,eval]", *TINY, *SID]) == 0
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
@@ -166,14 +167,19 @@ def test_pipeline_models_carry_their_ids_and_eval_reproduces(pipeline_run, tmp_p
     for model in (export, out / "align_warmup" / "warmup" / "init_model"):
         assert (model / TABLE_FILE).read_text() == (out / "sid" / "sid_table.json").read_text()
         assert (model / ITEM_TOKENS_FILE).is_file()
-    # Standalone eval of the export, no sid overrides: the model's IDs, the pipeline's numbers exactly.
+    # Standalone eval of the export, no sid overrides (the config alone would give 3 x 16 codes, not the run's 3 x 4):
+    # the model's IDs, the pipeline's numbers exactly.
     assert main(["eval", f"output_dir={tmp_path / 'same'}", f"model.name_or_path={export}", *TINY]) == 0
     again = json.loads((tmp_path / "same" / "summary.json").read_text())
     assert again["model"]["recall@5"] == summary["eval"]["model"]["recall@5"]
     assert again["model"]["ndcg@5"] == summary["eval"]["model"]["ndcg@5"]
     assert str(export / TABLE_FILE) in again["semantic_ids"]
-    # Another k-means seed gives other IDs: the CLI stops (exit 2) naming both sources, without a traceback.
+    # Another k-means seed gives other IDs (here even another shape: collision resolution adds a 4th level): the CLI
+    # stops (exit 2) naming both sources, without a traceback.
     capsys.readouterr()
-    assert main(["eval", f"output_dir={tmp_path / 'seed7'}", f"model.name_or_path={export}", "sid.seed=7", *TINY]) == 2
+    assert main(["eval", f"output_dir={tmp_path / 'seed7'}", f"model.name_or_path={export}", "sid.seed=7", *TINY,
+                 *SID]) == 2
     err = capsys.readouterr().err
-    assert str(export / TABLE_FILE) in err and "sid.seed=7" in err and "Traceback" not in err
+    assert "error: semantic IDs disagree: the model's own table " + str(export / TABLE_FILE) in err
+    assert "k-means over item text (sid.source=kmeans, sid.seed=7" in err
+    assert "Traceback" not in err
