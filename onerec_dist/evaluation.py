@@ -15,6 +15,7 @@ import numpy as np
 from onerec_dist.baselines.config import SASRecConfig
 from onerec_dist.config import from_section, require
 from onerec_dist.data.types import Examples
+from onerec_dist.reasoning.think_eval import ThinkEvalConfig
 
 BASELINES = ("popular", "hf_generate", "sasrec")
 
@@ -38,6 +39,7 @@ class EvalConfig:
     ndcg_ks: list[int] = (5, 10, 20)
     save_predictions: bool = True
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+    reasoning: ThinkEvalConfig = field(default_factory=ThinkEvalConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.baseline, str):

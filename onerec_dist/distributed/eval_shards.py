@@ -53,3 +53,44 @@ def decode_sharded(eval_cfg, model_dir: str, item_codes, prompts, histories, bat
             merged.update(part)
             bar.update(len(part))
     return merged
+
+
+def _think_shard(eval_cfg, mode: str, model_dir: str, item_codes: np.ndarray, histories, targets, batches, numbers):
+    import torch
+
+    from onerec_dist.devices import resolve_device
+    from onerec_dist.evaluation import build_decoder
+    from onerec_dist.models import load_pretrained
+    from onerec_dist.reasoning.think_eval import think_decode_batches
+    from onerec_dist.sid.tokens import ItemTokenizer
+
+    torch.set_num_threads(1)
+    model, tokenizer = load_pretrained(model_dir, "sdpa", "auto")
+    model.eval().to(resolve_device("auto" if eval_cfg.use_gpu else "cpu"))
+    decoder = build_decoder(model, ItemTokenizer.from_tokenizer(tokenizer), item_codes, eval_cfg,
+                            tokenizer.pad_token_id or 0)
+    return think_decode_batches(decoder, model, tokenizer, item_codes, histories, targets, batches, numbers, eval_cfg,
+                                mode, progress=False)
+
+
+def think_sharded(eval_cfg, mode: str, model_dir: str, item_codes, histories, targets, batches) -> dict:
+    """{batch number: per-user arrays} of the thinking evaluation (onerec_dist.reasoning.think_eval), batches dealt
+    round-robin to eval_cfg.num_workers Ray workers; per-user items and log-likelihoods come back, so the paired
+    bootstrap runs on the driver over all users."""
+    import ray
+
+    from onerec_dist.progress import Progress
+
+    ensure_ray()
+    remote = ray.remote(num_cpus=1, num_gpus=1 if eval_cfg.use_gpu else 0)(_think_shard)
+    shared = [ray.put(x) for x in (item_codes, histories, targets, batches)]
+    numbers = [list(range(w, len(batches), eval_cfg.num_workers)) for w in range(eval_cfg.num_workers)]
+    pending = [remote.remote(eval_cfg, mode, model_dir, *shared, n) for n in numbers if n]
+    merged: dict = {}
+    with Progress(len(batches), f"eval ({mode}) x{eval_cfg.num_workers} workers", unit="batch") as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            part = ray.get(done[0])
+            merged.update(part)
+            bar.update(len(part))
+    return merged

@@ -32,6 +32,7 @@ from onerec_dist.config import from_mapping, require
 from onerec_dist.data.types import Examples, InteractionData
 from onerec_dist.reasoning.lint import LintConfig, LintCounts, lint_rationale
 from onerec_dist.reasoning.prune import ItemSimilarity, PruneConfig, prune_history
+from onerec_dist.reasoning.sft_config import REASON_STAGES, SFTConfig
 from onerec_dist.reasoning.teachers import Teacher, TeacherConfig, TeacherRequest, teacher_config
 
 RECORDS_STEM = "rationales"
@@ -62,8 +63,12 @@ class ReasoningConfig:
     lint: LintConfig = field(default_factory=LintConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     teacher: Any = None
+    stage: Literal["bootstrap", "sft"] = "bootstrap"  # `onerec reason stage=...` (conf/stage/{bootstrap,sft}.yaml)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def __post_init__(self) -> None:
+        require(self.stage in REASON_STAGES, "reasoning.stage",
+                f"{self.stage!r} is not allowed; allowed values: {', '.join(map(repr, REASON_STAGES))}")
         if not dataclasses.is_dataclass(self.teacher):
             self.teacher = teacher_config(self.teacher)
 

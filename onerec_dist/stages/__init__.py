@@ -19,6 +19,10 @@ STAGES: dict[str, StageSpec] = {
                               "run_warmup"),
     "align_multitask": StageSpec("onerec_dist.stages.align", "alignment stage 2 (multi-task), for pipelines",
                                  "run_multitask"),
+    "reason": StageSpec("onerec_dist.stages.reason", "Reasoning Activation: stage=bootstrap | stage=sft"),
+    "reason_bootstrap": StageSpec("onerec_dist.stages.reason", "rationale bootstrapping, for pipelines",
+                                  "run_bootstrap"),
+    "reason_sft": StageSpec("onerec_dist.stages.reason", "CoT SFT on the rationales, for pipelines", "run_sft"),
     "eval": StageSpec("onerec_dist.stages.eval", "Recall/NDCG/validity by constrained beam search, with baselines"),
     "pipeline": StageSpec("onerec_dist.stages.pipeline", "run the stages in pipeline.stages in order (default job)"),
 }

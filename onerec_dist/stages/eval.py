@@ -26,6 +26,7 @@ from onerec_dist.evaluation import (
 )
 from onerec_dist.metrics import ranking_report
 from onerec_dist.model_setup import build_recommender, model_config, semantic_ids_for_run
+from onerec_dist.reasoning.think_eval import evaluate_thinking, format_think_report, resolve_mode
 from onerec_dist.sid.model_ids import save_model_ids
 
 
@@ -66,7 +67,15 @@ def run(cfg, output_dir: Path) -> dict:
         prompts = build_prompts(tokenizer, examples, item_codes)
         batches = length_batches(prompts, eval_cfg.batch_size)
         summary["avg_prompt_tokens"] = float(np.mean([len(p) for p in prompts]))
-        if eval_cfg.model:
+        think_mode = resolve_mode(eval_cfg.reasoning.mode, tokenizer) if eval_cfg.model else "none"
+        if think_mode != "none":  # thinking vs non-thinking, same users and beams (reasoning/think_eval.py)
+            report, think_predictions = evaluate_thinking(eval_cfg, think_mode, model, tokenizer, item_tok,
+                                                          item_codes, data.catalogue, examples, batches, report_args,
+                                                          output_dir)
+            summary.update(report)
+            predictions.update(think_predictions)
+            print(format_think_report(report))
+        elif eval_cfg.model:
             items, scores, seconds = decode_model(eval_cfg, model, tokenizer, item_tok, item_codes, data.catalogue,
                                                   prompts, examples.histories, batches, output_dir)
             summary["model"] = {**ranking_report(items, targets, **report_args),
@@ -82,7 +91,8 @@ def run(cfg, output_dir: Path) -> dict:
         if name in summary:
             print(f"eval {name:12s} " + "  ".join(f"{k}={v:.4f}" for k, v in summary[name].items()
                                                   if k.startswith(("recall@", "ndcg@", "validity"))))
-    main = summary.get("model") or summary.get("hf_generate") or summary.get("sasrec") or summary["popular"]
+    main = (summary.get("model") or summary.get("think") or summary.get("hf_generate") or summary.get("sasrec")
+            or summary["popular"])
     summary.update({k: v for k, v in main.items() if k.startswith(("recall@", "ndcg@", "validity"))})
     if eval_cfg.save_predictions:
         summary["predictions_path"] = str(save_predictions(output_dir, examples, predictions))

@@ -28,6 +28,9 @@ HANDOFFS = {
     "sid": _sid_handoff,
     "align_warmup": _model_handoff,
     "align_multitask": _model_handoff,
+    # The rationales go to reason_sft, which still starts from the multi-task export (model.name_or_path unchanged).
+    "reason_bootstrap": lambda summary: {"reasoning.sft.rationales_path": summary["records"]},
+    "reason_sft": _model_handoff,
 }
 
 
