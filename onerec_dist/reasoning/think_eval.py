@@ -42,7 +42,7 @@ class ThinkEvalConfig:
     """``eval.reasoning`` (conf/eval/default.yaml documents every field)."""
 
     mode: Literal["auto", "none", "think", "both"] = "auto"
-    max_think_tokens: int = 128
+    max_think_tokens: int = 264
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
