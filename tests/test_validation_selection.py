@@ -122,3 +122,22 @@ def test_validate_recommender_recall_on_tiny_model():
     assert 0 <= whole["recall@10"] <= 6 and whole["ndcg@10"] <= whole["recall@10"]
     for key in whole:
         assert parts[0][key] + parts[1][key] == pytest.approx(whole[key])
+
+
+def test_align_stage_writes_a_fixed_validation_sample(tmp_path):
+    # The align stage hands the workers a JSON of align.validation_users validation users (a seeded sample, the same
+    # on every call) with their histories, targets and the item codes; no validation split -> "" (nothing to score).
+    from onerec_dist.data.types import Examples
+    from onerec_dist.stages.align import write_validation_sample
+    from onerec_dist.training.config import AlignConfig
+
+    valid = Examples([f"u{i}" for i in range(30)], [[i, i + 1] for i in range(30)], list(range(2, 32)))
+    codes = np.arange(64).reshape(32, 2)
+    path = write_validation_sample(valid, codes, AlignConfig(validation_users=5), tmp_path, seed=0)
+    sample = json.loads(open(path).read())
+    picked = sample_users(30, 5, 0).tolist()
+    assert sample["targets"] == [valid.targets[i] for i in picked] and len(sample["histories"]) == 5
+    assert sample["item_codes"] == codes.tolist()
+    assert write_validation_sample(None, codes, AlignConfig(), tmp_path, seed=0) == ""
+    with pytest.raises(ValueError, match="align.validation_beam"):
+        AlignConfig(validation_beam=5)
