@@ -140,7 +140,7 @@ def aligned(head, runs):
 @pytest.mark.slow
 def test_align_two_workers_zero2(aligned, runs):
     assert aligned["steps"] == 2 and len(aligned["losses"]) == 2
-    assert (runs / "align" / "export" / "config.json").is_file()
+    assert (Path(aligned["export_dir"]) / "config.json").is_file()
 
 
 @pytest.mark.slow
