@@ -24,5 +24,10 @@ STAGES: dict[str, StageSpec] = {
                                   "run_bootstrap"),
     "reason_sft": StageSpec("onerec_dist.stages.reason", "CoT SFT on the rationales, for pipelines", "run_sft"),
     "eval": StageSpec("onerec_dist.stages.eval", "Recall/NDCG/validity by constrained beam search, with baselines"),
+    "ablation": StageSpec("onerec_dist.stages.ablation", "one row of the ablation table (row=base|ia|...), then "
+                          "the table"),
+    "think_ahead": StageSpec("onerec_dist.stages.think_ahead", "Think-Ahead offline cache: action=build (rationales "
+                             "-> item-prefix cache)"),
+    "serve": StageSpec("onerec_dist.stages.serve", "Think-Ahead HTTP endpoint on Ray Serve: action=start | stop"),
     "pipeline": StageSpec("onerec_dist.stages.pipeline", "run the stages in pipeline.stages in order (default job)"),
 }
