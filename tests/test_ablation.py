@@ -1,0 +1,142 @@
+"""`onerec ablation`: the table from hand-made row summaries (worked paired-interval examples), idempotent
+re-rendering, published rows, the missing-parent / missing-stage errors, and one real run of rows popular, base and
+ia on tiny synthetic data (slow: two Ray trainings)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from onerec_dist.ablation.rows import LOCAL_STEPS, ROWS
+from onerec_dist.ablation.table import build_table, paired_delta, render_table
+from onerec_dist.reasoning.think_eval import paired_bootstrap
+
+
+def write_row(out: Path, name: str, hits: list[int], users=None, dataset="synthetic", **extra) -> dict:
+    """A row summary whose predictions put user u's target first when hits[u] == 1, else nowhere in the top 10."""
+    users = list(range(len(hits))) if users is None else users
+    targets = [100 + u for u in users]
+    column = extra.pop("column", "model")
+    preds = [[t] + list(range(9)) if h else list(range(10)) for t, h in zip(targets, hits)]
+    row_dir = out / name
+    row_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"user": users, "target": targets, column: preds}), row_dir / "predictions.parquet")
+    row = ROWS[name]
+    summary = {"ablation_row": name, "kind": row.kind, "parent": row.parent, "compare_to": row.compare_to,
+               "dataset": dataset, "num_users": len(hits), "column": column,
+               "metrics": {"recall@5": float(np.mean(hits)), "recall@10": float(np.mean(hits)), "validity": 1.0},
+               "predictions_path": str(row_dir / "predictions.parquet"), "training_tokens": 10,
+               "training_tokens_total": 10, "wall_seconds": 1.0, "export_dir": str(row_dir / "export"), **extra}
+    (row_dir / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+
+def test_row_table_is_consistent():
+    from onerec_dist.stages import STAGES
+
+    for row in ROWS.values():
+        assert row.steps[-1] == "eval", row.name
+        for ref in (row.parent, row.compare_to, row.match_steps and row.match_steps[0]):
+            assert ref is None or ref in ROWS, (row.name, ref)
+        # Every step is a stage of the CLI or a local step; rl is being written elsewhere (its row fails clearly).
+        assert all(s in STAGES or s in LOCAL_STEPS or s == "rl" for s in row.steps), row.name
+    assert ROWS["ia_more"].match_steps == ("ia_r", "reason_sft", "align.multitask.max_steps")
+
+
+def test_constant_gain_has_a_point_interval(tmp_path):
+    # Every one of 5 users: hit in ia, miss in base -> diff_u = 1 for all u, so every resample's mean is 1:
+    # Δ = 1.0 with the interval [1.0, 1.0]; base itself: Recall@10 = 0 with interval [0, 0].
+    write_row(tmp_path, "base", [0, 0, 0, 0, 0])
+    write_row(tmp_path, "ia", [1, 1, 1, 1, 1])
+    base, ia = build_table(tmp_path, num_resamples=200)
+    assert ia["delta_vs"] == "base" and ia["delta_recall@10"] == 1.0
+    assert (ia["delta_ci_low"], ia["delta_ci_high"]) == (1.0, 1.0)
+    assert (base["recall@10_ci_low"], base["recall@10_ci_high"]) == (0.0, 0.0) and base["delta_vs"] is None
+
+
+def test_paired_interval_worked_example(tmp_path):
+    # 8 users. base hits users 0-3, ia hits users 0-4: diff = [0,0,0,0,1,0,0,0], Δ = 1/8 = 0.125.
+    # A resample's mean is (number of draws of user 4) / 8, a Binomial(8, 1/8) / 8: P(0 draws) = (7/8)^8 = 0.344
+    # > 0.025, so the 2.5 % quantile is 0 and the interval is [0, q] with q in {0.25, 0.375} (P(>= 3 draws) =
+    # 0.094, P(>= 4) = 0.018): the gain of one user in eight is not outside its interval.
+    write_row(tmp_path, "base", [1, 1, 1, 1, 0, 0, 0, 0])
+    write_row(tmp_path, "ia", [1, 1, 1, 1, 1, 0, 0, 0])
+    _, ia = build_table(tmp_path, num_resamples=4000, seed=3)
+    assert ia["delta_recall@10"] == pytest.approx(0.125)
+    assert ia["delta_ci_low"] == 0.0 and ia["delta_ci_high"] in (0.25, 0.375)
+    # The same numbers as the bootstrap applied directly to the hit vectors (the table adds nothing to it).
+    direct = paired_bootstrap(np.array([1, 1, 1, 1, 1, 0, 0, 0.]), np.array([1, 1, 1, 1, 0, 0, 0, 0.]), 4000, 3)
+    assert [ia["delta_ci_low"], ia["delta_ci_high"]] == direct["ci95"]
+    # Unpaired, the two rows' intervals (each of a 4/8 vs 5/8 hit rate) overlap widely: pairing is what makes the
+    # Δ interval as narrow as [0, <= .375] instead of about +-0.5.
+    base, ia = build_table(tmp_path, num_resamples=4000, seed=3)
+    assert ia["recall@10_ci_low"] < base["recall@10_ci_high"]
+
+
+def test_pairs_by_user_not_by_position(tmp_path):
+    # The reference row lists the same users in reverse order: the Δ must not change.
+    write_row(tmp_path, "base", [0, 1, 0, 1, 0, 0])
+    write_row(tmp_path, "ia", [1, 1, 0, 1, 1, 0])
+    expected = build_table(tmp_path, num_resamples=300)[1]
+    write_row(tmp_path, "base", [0, 0, 1, 0, 1, 0], users=[5, 4, 3, 2, 1, 0])
+    assert build_table(tmp_path, num_resamples=300)[1] == expected
+    assert expected["delta_recall@10"] == pytest.approx(2 / 6)
+
+
+def test_different_users_are_refused(tmp_path):
+    base = write_row(tmp_path, "base", [0, 1, 0])
+    ia = write_row(tmp_path, "ia", [1, 1, 0, 1])
+    with pytest.raises(ValueError, match="different users"):
+        paired_delta(ia, base, 100, 0)
+
+
+def test_render_is_idempotent_and_shows_think_columns(tmp_path):
+    write_row(tmp_path, "ia", [1, 0, 1, 0])
+    write_row(tmp_path, "ia_r", [1, 1, 1, 0], column="think", think={"recall@10": 0.75},
+              nothink={"recall@10": 0.5}, rationale_tokens=31.5)
+    write_row(tmp_path, "popular", [0, 0, 1, 0], column="popular")
+    first = render_table(tmp_path, num_resamples=100)
+    contents = {k: Path(p).read_bytes() for k, p in first.items()}
+    assert set(contents) == {"json", "csv", "md", "png"}
+    second = render_table(tmp_path, num_resamples=100)
+    assert {k: Path(p).read_bytes() for k, p in second.items()} == contents
+    records = json.loads(contents["json"])
+    assert [r["row"] for r in records] == ["ia", "ia_r", "popular"]  # the order of ROWS, not of the files
+    ia_r = records[1]
+    assert (ia_r["think_recall@10"], ia_r["nothink_recall@10"], ia_r["rationale_tokens"]) == (0.75, 0.5, 31.5)
+    assert ia_r["delta_vs"] == "ia" and ia_r["delta_recall@10"] == pytest.approx(0.25)
+    assert "| ia_r | measured |" in contents["md"].decode() and contents["csv"].decode().startswith("row,kind,")
+    assert all(r["kind"] != "published" for r in records)  # synthetic data: no published numbers
+
+
+def test_published_rows_on_beauty(tmp_path):
+    write_row(tmp_path, "base", [1, 0, 0, 0], dataset="Beauty")
+    records = build_table(tmp_path, num_resamples=50)
+    published = [r for r in records if r["kind"] == "published"]
+    sasrec = next(r for r in published if r["row"].startswith("SASRec"))
+    assert sasrec["recall@10"] == 0.0607 and "not measured" in sasrec["source"]
+    assert next(r for r in published if r["row"].startswith("TIGER"))["recall@10"] == 0.0623
+    assert not [r for r in build_table(tmp_path, 50, published="never") if r["kind"] == "published"]
+
+
+def test_missing_parent_and_missing_stage_errors(tmp_path, monkeypatch):
+    from onerec_dist.ablation.run_row import run_row
+    from onerec_dist.cli import compose
+    from onerec_dist.stages import STAGES
+
+    cfg = compose([])
+    with pytest.raises(ValueError, match=r"row ia_r starts from the export of row 'ia'.*run `onerec ablation row=ia "):
+        run_row(cfg, tmp_path, "ia_r")
+    write_row(tmp_path, "ia", [1, 0])
+    with pytest.raises(ValueError, match=r"row ia_more takes its step count from row 'ia_r'"):
+        run_row(cfg, tmp_path, "ia_more")
+    monkeypatch.delitem(STAGES, "rl", raising=False)
+    with pytest.raises(ValueError, match=r"row ia_r_rl needs the stage\(s\) \['rl'\]"):
+        run_row(cfg, tmp_path, "ia_r_rl")
+    with pytest.raises(ValueError, match="row: 'nope' is not allowed; allowed values: base, ia"):
+        from onerec_dist.ablation.config import row_choice
+
+        row_choice(compose(["row=nope"]))
