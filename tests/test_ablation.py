@@ -122,20 +122,20 @@ def test_published_rows_on_beauty(tmp_path):
     assert not [r for r in build_table(tmp_path, 50, published="never") if r["kind"] == "published"]
 
 
-def test_missing_parent_and_missing_stage_errors(tmp_path, monkeypatch):
-    from onerec_dist.ablation.run_row import run_row
+def test_missing_parent_and_missing_stage_errors(tmp_path):
+    from onerec_dist.ablation.run_row import StageHooks, run_row
     from onerec_dist.cli import compose
     from onerec_dist.stages import STAGES
 
     cfg = compose([])
+    hooks = StageHooks(lambda *a: pytest.fail("no stage may run"), {}, [s for s in STAGES if s != "rl"])
     with pytest.raises(ValueError, match=r"row ia_r starts from the export of row 'ia'.*run `onerec ablation row=ia "):
-        run_row(cfg, tmp_path, "ia_r")
+        run_row(cfg, tmp_path, "ia_r", hooks)
     write_row(tmp_path, "ia", [1, 0])
     with pytest.raises(ValueError, match=r"row ia_more takes its step count from row 'ia_r'"):
-        run_row(cfg, tmp_path, "ia_more")
-    monkeypatch.delitem(STAGES, "rl", raising=False)
+        run_row(cfg, tmp_path, "ia_more", hooks)
     with pytest.raises(ValueError, match=r"row ia_r_rl needs the stage\(s\) \['rl'\]"):
-        run_row(cfg, tmp_path, "ia_r_rl")
+        run_row(cfg, tmp_path, "ia_r_rl", hooks)
     with pytest.raises(ValueError, match="row: 'nope' is not allowed; allowed values: base, ia"):
         from onerec_dist.ablation.config import row_choice
 

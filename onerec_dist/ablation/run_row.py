@@ -1,19 +1,30 @@
 """Run one row of the ablation table into ``<output_dir>/<row>/<step>/`` and write ``<output_dir>/<row>/summary.json``.
 
-The steps of a row run like a pipeline (one composed config, each step's hand-off updating it for the next:
-onerec_dist.stages.pipeline.HANDOFFS, a trained export always becoming ``model.name_or_path``). A row with a parent
-starts from the parent row's export, read from the parent's summary.json.
+The steps of a row run like a pipeline (one composed config, each step's hand-off updating it for the next: the
+pipeline's HANDOFFS, a trained export always becoming ``model.name_or_path``). A row with a parent starts from the
+parent row's export, read from the parent's summary.json. Library code never imports the stages: the stage
+(onerec_dist/stages/ablation.py) hands in how to run one (``StageHooks``).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 from onerec_dist.ablation.rows import LOCAL_STEPS, ROWS, Row
 
 SUMMARY = "summary.json"
+
+
+class StageHooks(NamedTuple):
+    """How to run a stage, from the stage layer: runner.run_stage, pipeline.HANDOFFS and the stage names."""
+
+    run_stage: Callable  # (stage, cfg, output_dir) -> summary
+    handoffs: Mapping[str, Callable]  # stage -> (summary -> config updates)
+    names: Collection[str]
 
 
 def read_row_summary(output_dir: Path, name: str) -> dict | None:
@@ -34,14 +45,12 @@ def require_row(output_dir: Path, name: str, needed_by: str, why: str) -> dict:
     return summary
 
 
-def check_steps_exist(row: Row) -> None:
+def check_steps_exist(row: Row, stage_names: Collection[str]) -> None:
     """Rows whose stages are not in this installation (yet) stop here with the stage's name, before any work."""
-    from onerec_dist.stages import STAGES
-
-    missing = [s for s in row.steps if s not in STAGES and s not in LOCAL_STEPS]
+    missing = [s for s in row.steps if s not in stage_names and s not in LOCAL_STEPS]
     if missing:
         raise ValueError(f"row {row.name} needs the stage(s) {missing}, which this installation of onerec does not "
-                         f"have (stages: {', '.join(STAGES)}); the row can run once `onerec {missing[0]}` exists")
+                         f"have (stages: {', '.join(stage_names)}); the row can run once `onerec {missing[0]}` exists")
 
 
 def row_overrides(output_dir: Path, row: Row) -> dict:
@@ -78,12 +87,9 @@ def init_model(cfg, output_dir: Path) -> dict:
     return {"export_dir": str(export), "semantic_ids": ids_source}
 
 
-def run_steps(cfg, row: Row, row_dir: Path) -> dict:
+def run_steps(cfg, row: Row, row_dir: Path, hooks: StageHooks) -> dict:
     """{step: summary} of the row's steps, run in order with the pipeline's hand-offs."""
     from omegaconf import OmegaConf, open_dict
-
-    from onerec_dist.stages.pipeline import HANDOFFS
-    from onerec_dist.stages.runner import run_stage, write_outputs
 
     summaries = {}
     for step in row.steps:
@@ -91,10 +97,10 @@ def run_steps(cfg, row: Row, row_dir: Path) -> dict:
         if step == "init_model":
             start = time.perf_counter()
             summaries[step] = {**init_model(cfg, row_dir / step), "seconds": round(time.perf_counter() - start, 3)}
-            write_outputs(row_dir / step, cfg, {"stage": step, **summaries[step]})
+            (row_dir / step / SUMMARY).write_text(json.dumps({"stage": step, **summaries[step]}, indent=2) + "\n")
         else:
-            summaries[step] = run_stage(step, cfg, row_dir / step)
-        handoff = HANDOFFS.get(step, lambda s: {"model.name_or_path": s["export_dir"]} if s.get("export_dir") else {})
+            summaries[step] = hooks.run_stage(step, cfg, row_dir / step)
+        handoff = hooks.handoffs.get(step, lambda s: {"model.name_or_path": s["export_dir"]} if s.get("export_dir") else {})
         updates = handoff(summaries[step])
         with open_dict(cfg):
             for key, value in updates.items():
@@ -104,12 +110,12 @@ def run_steps(cfg, row: Row, row_dir: Path) -> dict:
     return summaries
 
 
-def run_row(cfg, output_dir: Path, name: str) -> dict:
+def run_row(cfg, output_dir: Path, name: str, hooks: StageHooks) -> dict:
     """Run row ``name`` and write its summary (metrics of its eval, cost, where its predictions are)."""
     from omegaconf import OmegaConf, open_dict
 
     row = ROWS[name]
-    check_steps_exist(row)
+    check_steps_exist(row, hooks.names)
     updates = row_overrides(output_dir, row)
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # a private copy the steps may update
     with open_dict(cfg):
@@ -118,7 +124,7 @@ def run_row(cfg, output_dir: Path, name: str) -> dict:
         cfg.eval.save_predictions = True  # the paired intervals need per-user hits
     row_dir = Path(output_dir) / name
     start = time.perf_counter()
-    steps = run_steps(cfg, row, row_dir)
+    steps = run_steps(cfg, row, row_dir, hooks)
     summary = row_summary(row, steps, updates, output_dir, time.perf_counter() - start)
     tmp = row_dir / (SUMMARY + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
