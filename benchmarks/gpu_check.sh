@@ -64,6 +64,9 @@ register training "deepspeed ray" \
 register loss_memory "transformers" \
     "$PY benchmarks/bench_loss_memory.py --device cuda $FLAGS" \
     "$PY benchmarks/bench_loss_memory.py --device cpu --quick $FLAGS --out-dir $DRY_OUT"
+register think_ahead "transformers pyarrow" \
+    "$PY benchmarks/bench_think_ahead.py --device cuda --preset small --items 20000 --codebooks 32x32x32 --users 64 --think-tokens 64 $FLAGS" \
+    "$PY benchmarks/bench_think_ahead.py --device cpu --quick --repeats 3 $FLAGS --out-dir $DRY_OUT"
 # ----------------------------------------------------------------------------------------------------------------------
 
 SECONDS_PER_PIECE=${GPU_CHECK_PIECE_TIMEOUT:-$([[ $MODE == dry ]] && echo 150 || echo 240)}

@@ -190,3 +190,69 @@ def test_allowed_prefix_rows_match_from_lists(world, tmp_path):
     cache = build(world, tmp_path / "c", settings())
     rows = AllowedPrefixes.from_lists([cache.get("u0"), None])
     assert rows.unrestricted.tolist() == [False, True] and rows.counts().tolist() == [len(cache.get("u0")), 0]
+
+
+def test_serving_config_errors_name_the_field_and_allowed_values():
+    with pytest.raises(ValueError, match="serving.max_k: must be <= serving.beam_width=20"):
+        ServingConfig(max_k=30)
+    with pytest.raises(ValueError, match="serving.num_rationales: must be >= 1"):
+        ServingConfig(num_rationales=0)
+    from onerec_dist.serving.config import SERVE_ACTIONS, resolve_action
+
+    with pytest.raises(ValueError, match="action: 'restart' is not allowed; allowed values: start, stop"):
+        resolve_action({"action": "restart"}, SERVE_ACTIONS)
+    assert resolve_action({"action": None}, SERVE_ACTIONS) == "start"
+
+
+SMALL = ["data.synthetic.num_users=40", "data.synthetic.num_items=60", "sid.codebook_size=8"]
+
+
+def test_think_ahead_stage_builds_then_skips_finished_shards(tmp_path):
+    """`onerec think_ahead action=build` on the synthetic data with a model that carries its IDs: 5 users in
+    shards of 2 -> 3 shards built; the same command again builds none."""
+    import json
+
+    from onerec_dist.cli import compose, main
+    from onerec_dist.data.config import data_config
+    from onerec_dist.data.splits import load_dataset
+    from onerec_dist.model_setup import build_recommender, model_config, semantic_ids_for_run
+
+    cfg = compose(SMALL)
+    data = load_dataset(data_config(cfg))
+    codes, sizes, _ = semantic_ids_for_run(cfg, data, None)
+    model, tokenizer, item_tok = build_recommender(model_config(cfg), data, sizes, codes)
+    add_think_tokens(model, tokenizer)
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    save_model_ids(model_dir, codes, data.catalogue.item_ids, sizes, item_tok)
+    args = ["think_ahead", "action=build", f"model.name_or_path={model_dir}", f"output_dir={tmp_path / 'out'}",
+            "serving.max_users=5", "serving.shard_size=2", "serving.num_rationales=2", "serving.prefix_beam=3",
+            "serving.max_think_tokens=3", *SMALL]
+    assert main(args) == 0
+    first = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (first["shards_built"], first["shards_skipped"], first["num_users"]) == (3, 0, 5)
+    assert 3 <= first["prefixes_per_user"]["mean"] <= 6  # b <= |union| <= T * b
+    assert main(args) == 0
+    second = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (second["shards_built"], second["shards_skipped"]) == (0, 3)
+    assert main([*args[:1], "action=start", *args[2:]]) == 2  # not an action of think_ahead
+
+
+def test_recommend_request_parsing_gives_4xx_with_a_message():
+    from onerec_dist.serving.api import RequestError, parse_recommend
+
+    index = {"a": 0, "b": 1}.get
+    ok = parse_recommend(b'{"user": "u", "history": ["b", "a"], "k": 3}', index, max_k=5)
+    assert (ok.user, ok.history, ok.k) == ("u", [1, 0], 3)
+    assert parse_recommend(b'{"user": 7, "history": ["a"]}', index, max_k=5).k == 5  # default min(10, max_k)
+    cases = [(b"{oops", 400, "malformed JSON"), (b"[1]", 400, "JSON object"),
+             (b'{"user": "u", "history": []}', 400, "non-empty list"),
+             (b'{"user": "u", "history": ["a", "zz"]}', 422, "unknown item ids"),
+             (b'{"user": "u", "history": ["a"], "k": 6}', 400, r"\[1, 5\]"),
+             (b'{"user": "u", "history": ["a"], "k": true}', 400, "integer"),
+             (b'{"history": ["a"]}', 400, "user"), (b'{"user": "u", "history": ["a"], "x": 1}', 400, "unknown fields")]
+    for body, status, message in cases:
+        with pytest.raises(RequestError, match=message) as err:
+            parse_recommend(body, index, max_k=5)
+        assert err.value.status == status
