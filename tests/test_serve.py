@@ -64,7 +64,7 @@ def test_sharded_build_then_serve_concurrent_and_bad_requests(tmp_path, monkeypa
                         batch_wait_timeout_s=0.2, device="cpu")
     fps = Fingerprints.of(model_dir)
     # One Ray for the build and the server: a local head that retries and waits on a loaded machine.
-    cluster = LocalRayCluster(temp_dir=f"/tmp/rs_{secrets.token_hex(4)}", num_cpus=2, start_timeout_s=180,
+    cluster = LocalRayCluster(temp_dir=f"/tmp/rs_{secrets.token_hex(4)}", num_cpus=2, start_timeout_s=420,
                               env={"RAY_AUTH_MODE": "disabled"})
     cluster.start()
     address = f"127.0.0.1:{cluster.ports['--port']}"
