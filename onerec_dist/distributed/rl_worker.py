@@ -1,0 +1,213 @@
+"""The GRPO loop on every Ray worker (``rl_loop``, run through ``worker_group.run_on_workers``); the steps it runs
+are the recipe's pure functions (onerec_dist/recipes/grpo.py, which explains one step).
+
+Colocated rollouts: generation and the reward's constrained decode use the actor's own weights inside
+``strategy.gathered_parameters()`` (ZeRO-3: gathered once per phase; below ZeRO-3 whole already), so no weight copy
+or sync exists; the ``sync`` phase is the all-reduce of the step's statistics. Every phase is timed (rollout,
+reward, reference, update, sync). Checkpoints (``rl.checkpoint_every``) hold the DeepSpeed state plus the reward
+history, the prompt sampler's position and the RNG states (strategy.save_checkpoint); the sampling seed of a step
+is a function of (rl.seed, step, rank), so a resumed run draws the uninterrupted run's rationales.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from onerec_dist.recipes import grpo
+from onerec_dist.rl.advantages import group_advantages
+from onerec_dist.rl.losses import grpo_loss
+
+PHASES = ("rollout", "reward", "reference", "update", "sync")
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def _load_policy(model_dir: str, dtype: str):
+    from onerec_dist.models import load_pretrained
+
+    return load_pretrained(model_dir, "auto", {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype, "auto"))
+
+
+def _build(strategy, config: dict[str, Any]):
+    """Actor engine, reference, tokenizer, think tokens, decoders."""
+    from onerec_dist.decoding.beam_search import ConstrainedDecoder
+    from onerec_dist.sid.prefix_index import PrefixIndex
+    from onerec_dist.sid.tokens import ItemTokenizer
+    from onerec_dist.training.engine_api import default_param_groups
+
+    cfg: grpo.RLConfig = config["rl"]
+    item_codes = torch.as_tensor(config["item_codes"], dtype=torch.long)                     # [I, L]
+    model, tokenizer = _load_policy(config["model_dir"], strategy.trainer.precision)
+    think, item_tok = grpo.check_policy(tokenizer, ItemTokenizer.from_tokenizer, len(item_codes), cfg)
+    reference_model, _ = _load_policy(config.get("reference_dir") or config["model_dir"], strategy.trainer.precision)
+    grpo.check_reference(model, reference_model)
+    model.requires_grad_(True)
+    engine = strategy.prepare(model, default_param_groups(model, strategy.trainer.weight_decay))
+    reference = strategy.prepare_reference(reference_model, cfg.reference_dtype)
+    index = PrefixIndex.build(item_codes, item_tok.codebook_sizes)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    module = getattr(engine, "module", engine)
+    decoder = ConstrainedDecoder(module, item_tok, index, cfg.beam_width, cfg.beam_width, cfg.normalization,
+                                 pad_token_id=pad, row_budget=cfg.row_budget)
+    width = min(max(cfg.beam_width, 10), len(item_codes))
+    eval_decoder = ConstrainedDecoder(module, item_tok, index, width, min(10, width), cfg.normalization,
+                                      pad_token_id=pad, row_budget=cfg.row_budget)
+    return engine, reference, tokenizer, think, pad, decoder, eval_decoder
+
+
+def _heldout(strategy, config, think, pad, eval_decoder) -> dict[str, float]:
+    """Recall@10 and reward (think mode, greedy) of the held-out users, sharded over ranks and all-reduced."""
+    cfg: grpo.RLConfig = config["rl"]
+    users: grpo.PromptSet = config["heldout"]
+    mine = users.take(range(strategy.rank, len(users), strategy.world_size))
+    with strategy.gathered_parameters() as module, torch.no_grad():
+        sums = grpo.heldout_sums(module, eval_decoder, think, mine, cfg.reward, cfg.max_think_tokens, pad)
+    names = sorted(sums)
+    totals = dict(zip(names, strategy.all_reduce(torch.tensor([sums[n] for n in names])).tolist()))
+    n = max(totals["users"], 1.0)
+    return {"users": int(totals["users"]), "recall@10": totals["hits"] / n, "reward": totals["reward_sum"] / n,
+            "unclosed_share": totals["unclosed"] / n}
+
+
+def _update(strategy, engine, cfg: grpo.RLConfig, batch, stats: dict[str, float]) -> None:
+    """``updates_per_rollout`` optimizer steps on the rollout batch; loss / global loss units (token-mean)."""
+    parts = grpo.micro_batches(batch, cfg.micro_batch_rollouts)
+    for _ in range(cfg.updates_per_rollout):
+        local_units = 0
+        losses = []
+        for part in parts:
+            mask = part["action_mask"][:, 1:]
+            tokens = int(mask.sum())
+            local_units += tokens if cfg.loss_agg_mode == "token-mean" else int((mask.sum(-1) > 0).sum())
+            losses.append(part)
+        scale = strategy.world_size / max(float(strategy.all_reduce(torch.tensor([float(local_units)]))[0]), 1.0)
+        for part in losses:
+            logp, entropy = grpo.sequence_logprobs(engine, part, cfg.temperature, with_entropy=True)
+            mask = part["action_mask"][:, 1:]
+            out = grpo_loss(logp, part["old_logprobs"], part["ref_logprobs"], part["advantages"], mask,
+                            clip_low=cfg.clip, clip_high=cfg.clip_high, kl_coef=cfg.kl_coef, mode=cfg.loss_agg_mode)
+            strategy.backward(out.loss_sum * scale)
+            strategy.step()
+            stats["tokens"] += out.tokens
+            stats["kl_sum"] += float(out.kl_sum)
+            stats["pg_sum"] += float(out.pg_sum)
+            stats["clipped_tokens"] += out.clipped_tokens
+            stats["entropy_sum"] += float((entropy * mask).sum())
+    # statistics of the last update are what a reader wants; earlier updates are divided out
+    for key in ("tokens", "kl_sum", "pg_sum", "clipped_tokens", "entropy_sum"):
+        stats[key] /= cfg.updates_per_rollout
+
+
+def grpo_step(strategy, engine, reference, config, think, pad, decoder, sampler, step: int
+              ) -> tuple[dict[str, float], dict[str, float]]:
+    """One GRPO step on this rank (recipes/grpo.py); returns (this rank's stat sums, seconds per phase)."""
+    cfg: grpo.RLConfig = config["rl"]
+    seconds, clock = dict.fromkeys(PHASES, 0.0), time.perf_counter()
+
+    def mark(phase):
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[phase] += now - clock
+        clock = now
+
+    prompts = config["train"].take(sampler.next_rows())
+    seed = (cfg.seed * 1_000_003 + step) * 4096 + strategy.rank
+    with strategy.gathered_parameters() as module, torch.no_grad():
+        rollout = grpo.sample_rationales(module, think, prompts, cfg, pad, seed)
+        mark("rollout")
+        rewards, per_level = grpo.rollout_rewards(decoder, think, rollout, cfg.reward)              # [B, G], [N, L]
+    stats = grpo.rollout_stats(rewards, per_level, rollout)
+    if cfg.debug.shuffle_rewards:
+        rewards = grpo.shuffle_rewards(rewards, seed)
+    batch = grpo.policy_batch(think, rollout, group_advantages(rewards, cfg.advantage), pad)
+    mark("reward")
+    with torch.no_grad():
+        batch["old_logprobs"] = torch.cat([grpo.sequence_logprobs(engine, p, cfg.temperature)[0]
+                                           for p in grpo.micro_batches(batch, cfg.micro_batch_rollouts)])
+        batch["ref_logprobs"] = torch.cat([grpo.sequence_logprobs(reference, p, cfg.temperature)[0].float()
+                                           for p in grpo.micro_batches(batch, cfg.micro_batch_rollouts)])
+    mark("reference")
+    stats.update(dict.fromkeys(("tokens", "kl_sum", "pg_sum", "clipped_tokens", "entropy_sum"), 0.0))
+    _update(strategy, engine, cfg, batch, stats)
+    mark("update")
+    return stats, seconds
+
+
+def _all_reduce_stats(strategy, stats: dict[str, float]) -> dict[str, float]:
+    names = sorted(stats)
+    return dict(zip(names, strategy.all_reduce(torch.tensor([stats[n] for n in names])).tolist()))
+
+
+def _save(strategy, output_dir: Path, state: dict, sampler, fingerprint: dict) -> str:
+    step = state["step"]
+    final = output_dir / CHECKPOINTS_DIR / f"checkpoint_step{step:08d}"
+    staging = output_dir / "checkpoint_staging" / final.name / f"rank{strategy.rank}"
+    shutil.rmtree(staging, ignore_errors=True)
+    strategy.save_checkpoint(staging, f"step{step}", {"state": state, "sampler": sampler.state_dict()},
+                             {**fingerprint, "step": step})
+    shutil.copytree(staging, final, dirs_exist_ok=True)  # ranks write disjoint files (their own shards / state)
+    strategy.barrier()
+    shutil.rmtree(staging, ignore_errors=True)
+    return str(final)
+
+
+def rl_loop(strategy, config: dict[str, Any]) -> dict[str, Any]:
+    """The whole GRPO run on this rank; rank 0 returns the summary (recipes/grpo.summarise), others None."""
+    from onerec_dist.distributed.worker import RankZeroLogger, _quiet_known_harmless_output
+
+    _quiet_known_harmless_output()
+    cfg: grpo.RLConfig = config["rl"]
+    output_dir = Path(config["output_dir"])
+    engine, reference, tokenizer, think, pad, decoder, eval_decoder = _build(strategy, config)
+    sampler = grpo.PromptSampler(len(config["train"]), cfg.prompts_per_rank, strategy.rank, strategy.world_size,
+                                 cfg.seed)
+    fingerprint = {"zero_stage": strategy.ds.zero_stage, "precision": strategy.trainer.precision}
+    state: dict[str, Any] = {"step": 0, "history": [], "heldout": {}, "timing": dict.fromkeys(PHASES, 0.0)}
+    if config.get("resume_dir"):
+        client = strategy.load_checkpoint(config["resume_dir"], fingerprint)
+        state, _ = client["state"], sampler.load_state_dict(client["sampler"])
+    evaluate = len(config["heldout"]) > 0
+    if evaluate and "before" not in state["heldout"]:
+        state["heldout"]["before"] = _heldout(strategy, config, think, pad, eval_decoder)
+    logger = RankZeroLogger(strategy.trainer, output_dir, strategy.rank, state["step"],
+                            {"rl": asdict(cfg), "trainer": asdict(strategy.trainer)}, config.get("progress", "lines"))
+    checkpoint = None
+    engine.train()
+    try:
+        while state["step"] < cfg.max_steps:
+            local, seconds = grpo_step(strategy, engine, reference, config, think, pad, decoder, sampler,
+                                       state["step"])
+            clock = time.perf_counter()
+            totals = _all_reduce_stats(strategy, local)
+            seconds["sync"] += time.perf_counter() - clock
+            state["step"] += 1
+            row = {**grpo.step_row(totals, state["step"]), **{f"time/{k}": v for k, v in seconds.items()}}
+            for phase, value in seconds.items():
+                state["timing"][phase] += value
+            state["history"].append(row)
+            if logger.bar is not None:
+                logger.bar.update(1, reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.2e}")
+            if state["step"] % cfg.log_every == 0:
+                logger.log(row)
+            if evaluate and cfg.heldout_every and state["step"] % cfg.heldout_every == 0:
+                state["heldout"][f"step{state['step']}"] = _heldout(strategy, config, think, pad, eval_decoder)
+            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+                checkpoint = _save(strategy, output_dir, state, sampler, fingerprint)
+    finally:
+        logger.close()
+    if evaluate:
+        state["heldout"]["after"] = _heldout(strategy, config, think, pad, eval_decoder)
+    export_dir = output_dir / "export"
+    strategy.export_hf(engine, tokenizer, export_dir)
+    if not strategy.is_rank0:
+        return None
+    timing = {phase: value / max(state["step"], 1) for phase, value in state["timing"].items()}
+    summary = grpo.summarise(state["history"], state["heldout"], timing)
+    summary.update({"export_dir": str(export_dir), "checkpoint_dir": checkpoint, "world_size": strategy.world_size,
+                    "log": state["history"]})
+    return summary

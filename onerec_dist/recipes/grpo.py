@@ -1,0 +1,415 @@
+"""Reasoning Enhancement: GRPO with the Rollout-Beam reward (OneRec-Think, arXiv:2510.11639, Sec. 4.3), read top to
+bottom. The loop that runs these pieces on every Ray worker is onerec_dist/distributed/rl_worker.py; this module is
+pure torch (no ray / deepspeed).
+
+One GRPO step on rank r (its B prompts; a group's G samples never leave the rank):
+  1. ``PromptSampler``: the next B training users of this rank (a seeded permutation per epoch; its position is in
+     every checkpoint);
+  2. ``sample_rationales``: each prompt (history prompt + <think>) repeated G times, ONE batched ``generate``
+     (KV cache, temperature T) that stops a row at </think> or after ``max_think_tokens``; an unclosed row is
+     force-closed and counted;
+  3. ``rollout_rewards``: ONE batched constrained beam search (K beams, the catalogue's prefix index) over all B*G
+     prefixes ``close_think(prompt, rationale)`` -> beams [B*G, K, L] -> reward (onerec_dist.rl.rewards) [B, G];
+  4. ``group_advantages`` (onerec_dist.rl.advantages) [B, G];
+  5. ``policy_batch``: prompt + rationale (+ </think> when the model wrote it), loss mask on the generated tokens
+     only; old log-probs (actor, no grad) and reference log-probs (frozen reference) [N, T-1];
+  6. ``grpo_loss`` (onerec_dist.rl.losses): clipped ratio + beta * k3 KL, summed per micro-batch; the loop divides by
+     the loss tokens of the global batch (token-mean, verl's loss_agg_mode) and steps the strategy.
+With one update per rollout batch (as OneRec-Think), old == current weights, so the ratio is 1 at the update and the
+clip fraction 0; it becomes non-zero with ``rl.updates_per_rollout`` > 1.
+
+``rl.debug.shuffle_rewards`` permutes the rewards of a step across all its samples (the control: no rationale earns
+its own reward any more, so the reward must not rise).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from onerec_dist.config import require
+from onerec_dist.rl.advantages import ADVANTAGE_ESTIMATORS
+from onerec_dist.rl.losses import LOSS_AGG_MODES, entropy_from_logits, token_logprobs
+from onerec_dist.rl.rewards import MISSING_CODE, REWARDS, compute_reward, level_matches
+
+RL_TASK = "grpo"  # the one task name of the RL loop's logs
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+@dataclass
+class RLDebugConfig:
+    """``rl.debug``: controls that must make the method fail."""
+
+    shuffle_rewards: bool = False
+
+
+@dataclass
+class RLConfig:
+    """``rl`` (conf/rl/default.yaml documents every field). Paper defaults: G=16, K=32, lr 1e-5, KL 1e-3, clip 0.2."""
+
+    group_size: int = 16
+    beam_width: int = 32
+    prompts_per_rank: int = 4
+    temperature: float = 1.0
+    max_think_tokens: int = 128
+    max_prompt_length: int = 512
+    max_steps: int = 200
+    lr: float = 1.0e-5
+    kl_coef: float = 1.0e-3
+    clip: float = 0.2
+    clip_high: float | None = None
+    updates_per_rollout: int = 1
+    micro_batch_rollouts: int | None = None
+    reward: str = "rollout_beam"
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
+    normalization: Literal["full", "valid"] = "full"
+    row_budget: int | None = None
+    reference_dtype: str | None = None
+    heldout_users: int = 64
+    heldout_every: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 0
+    seed: int = 0
+    resume: str | None = None
+    debug: RLDebugConfig = field(default_factory=RLDebugConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.debug, dict):
+            self.debug = RLDebugConfig(**self.debug)
+        require(self.group_size >= 2, "rl.group_size", f"{self.group_size}: group-relative advantages need G >= 2")
+        require(self.beam_width >= 1, "rl.beam_width", "must be >= 1 (and <= the number of catalogue items)")
+        for name in ("prompts_per_rank", "max_think_tokens", "max_prompt_length", "max_steps", "updates_per_rollout",
+                     "log_every"):
+            require(getattr(self, name) >= 1, f"rl.{name}", "must be >= 1")
+        require(self.temperature > 0, "rl.temperature", "must be > 0")
+        require(self.lr > 0, "rl.lr", "must be > 0")
+        require(self.kl_coef >= 0, "rl.kl_coef", "must be >= 0 (0 = no KL penalty)")
+        require(0 < self.clip < 1, "rl.clip", "must be in (0, 1)")
+        require(self.clip_high is None or self.clip_high > 0, "rl.clip_high", "must be null or > 0")
+        require(self.reward in REWARDS, "rl.reward",
+                f"{self.reward!r} is not allowed; allowed values: {', '.join(REWARDS)}")
+        require(self.advantage in ADVANTAGE_ESTIMATORS, "rl.advantage",
+                f"{self.advantage!r} is not allowed; allowed values: {', '.join(ADVANTAGE_ESTIMATORS)}")
+        require(self.loss_agg_mode in LOSS_AGG_MODES, "rl.loss_agg_mode",
+                f"{self.loss_agg_mode!r} is not allowed; allowed values: {', '.join(LOSS_AGG_MODES)}")
+        require(self.micro_batch_rollouts is None or self.micro_batch_rollouts >= 1, "rl.micro_batch_rollouts",
+                "must be null (all rollouts of a rank at once) or >= 1")
+        require(self.reference_dtype in (None, "fp32", "bf16", "fp16"), "rl.reference_dtype",
+                f"{self.reference_dtype!r} is not allowed; allowed values: null, 'fp32', 'bf16', 'fp16'")
+        require(self.heldout_users >= 0 and self.heldout_every >= 0 and self.checkpoint_every >= 0,
+                "rl.heldout_users / rl.heldout_every / rl.checkpoint_every", "must be >= 0")
+
+    @property
+    def rollouts_per_rank(self) -> int:
+        return self.prompts_per_rank * self.group_size
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches of one update (the trainer's grad_accum_steps)."""
+        size = self.micro_batch_rollouts or self.rollouts_per_rank
+        return math.ceil(self.rollouts_per_rank / size)
+
+
+def rl_config(mapping: dict) -> RLConfig:
+    from onerec_dist.config import from_mapping
+
+    return from_mapping(RLConfig, mapping, "rl")
+
+
+# ---------------------------------------------------------------------------------------------- the task
+@dataclass
+class PromptSet:
+    """Users as the policy sees them: inference prompts (history prompt + <think>) and the target's ID."""
+
+    prompts: list[list[int]]        # U x prompt ids, each ending with <think>
+    targets: np.ndarray             # [U] catalogue rows
+    target_codes: np.ndarray        # [U, L] semantic IDs of the targets
+    histories: list[list[int]]      # U x catalogue rows (for reporting; exclusion is off as in training)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def take(self, rows) -> "PromptSet":
+        rows = list(rows)
+        return PromptSet([self.prompts[i] for i in rows], self.targets[rows], self.target_codes[rows],
+                         [self.histories[i] for i in rows])
+
+
+class PromptSampler:
+    """This rank's B prompts per step: epoch e is a permutation of all users seeded by (seed, e); step s of rank r
+    takes the (s * world + r)-th block of B. Deterministic, so a resumed run takes the same prompts."""
+
+    def __init__(self, num_users: int, per_rank: int, rank: int, world_size: int, seed: int):
+        if num_users < per_rank * world_size:
+            raise ValueError(f"rl.prompts_per_rank={per_rank} x {world_size} workers needs at least "
+                             f"{per_rank * world_size} training users; the data has {num_users}")
+        self.num_users, self.per_rank, self.rank, self.world = num_users, per_rank, rank, world_size
+        self.seed, self.position = seed, 0  # position: steps taken
+
+    def next_rows(self) -> list[int]:
+        blocks_per_epoch = self.num_users // (self.per_rank * self.world)
+        epoch, block = divmod(self.position, blocks_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_users)
+        start = (block * self.world + self.rank) * self.per_rank
+        self.position += 1
+        return order[start:start + self.per_rank].tolist()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = int(state["position"])
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def check_policy(tokenizer, item_tokenizer_fn, num_items: int, cfg: RLConfig):
+    """(think tokens, item tokenizer) of the policy, or a ValueError that says what is missing."""
+    from onerec_dist.reasoning.cot_format import ThinkTokens
+
+    try:
+        think = ThinkTokens.from_tokenizer(tokenizer)
+    except ValueError as err:
+        raise ValueError(f"onerec rl needs a model with <think> / </think> (the reason_sft export): {err}") from err
+    try:
+        item_tok = item_tokenizer_fn(tokenizer)
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"onerec rl needs a model with item tokens (an aligned export that carries its IDs): "
+                         f"{err}") from err
+    if cfg.beam_width > num_items:
+        raise ValueError(f"rl.beam_width={cfg.beam_width} is larger than the catalogue ({num_items} items); "
+                         f"allowed values: 1..{num_items}")
+    return think, item_tok
+
+
+def check_reference(actor: torch.nn.Module, reference: torch.nn.Module) -> None:
+    """ValueError unless ``reference`` has the actor's parameter names and shapes (same architecture, vocabulary)."""
+    def shapes(model):
+        return {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
+
+    a, r = shapes(actor), shapes(reference)
+    if a != r:
+        diff = sorted(n for n in a.keys() | r.keys() if a.get(n) != r.get(n))[:3]
+        raise ValueError(f"the reference policy does not match the actor: parameters {diff} differ "
+                         f"(actor {[a.get(n) for n in diff]}, reference {[r.get(n) for n in diff]}); the reference "
+                         "must be a frozen copy of the starting model")
+
+
+# ---------------------------------------------------------------------------------------------- rollout
+@dataclass
+class Rollout:
+    """B prompts x G rationales, rows ordered prompt-major (row b * G + g)."""
+
+    prompts: list[list[int]]        # [N] prompt ids (each prompt repeated G times)
+    bodies: list[list[int]]         # [N] generated rationale body ids (before </think>)
+    closed: np.ndarray              # [N] bool: the model wrote </think>
+    target_codes: torch.Tensor      # [N, L]
+    group_size: int
+
+
+def sample_rationales(model, think, prompts: PromptSet, cfg: RLConfig, pad_token_id: int, seed: int) -> Rollout:
+    """G rationales per prompt from the policy (temperature ``cfg.temperature``), one batched generate."""
+    from onerec_dist.reasoning.think_eval import generate_rationales
+
+    repeated = [p for p in prompts.prompts for _ in range(cfg.group_size)]               # [N]
+    bodies, closed = generate_rationales(model, think, repeated, cfg.max_think_tokens, pad_token_id, do_sample=True,
+                                         temperature=cfg.temperature, top_p=1.0, seed=seed)
+    codes = torch.as_tensor(np.repeat(prompts.target_codes, cfg.group_size, axis=0), dtype=torch.long)  # [N, L]
+    return Rollout(repeated, bodies, closed, codes, cfg.group_size)
+
+
+def rollout_rewards(decoder, think, rollout: Rollout, reward: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rewards [B, G], per-level best match [N, L]) from ONE constrained decode of all N = B*G prefixes."""
+    from onerec_dist.reasoning.cot_format import close_think
+
+    prefixes = [close_think(think, p, b) for p, b in zip(rollout.prompts, rollout.bodies)]
+    result = decoder.decode(prefixes)
+    beams = result.codes.cpu().masked_fill((result.items.cpu() < 0).unsqueeze(-1), MISSING_CODE)   # [N, K, L]
+    target = rollout.target_codes                                                                  # [N, L]
+    rewards = compute_reward(reward, beams, target).view(-1, rollout.group_size)                   # [B, G]
+    per_level = level_matches(beams, target).any(dim=1).float()                                    # [N, L]
+    return rewards, per_level
+
+
+def shuffle_rewards(rewards: torch.Tensor, seed: int) -> torch.Tensor:
+    """[B, G] the same values permuted across all B*G samples (seeded): the reward no longer belongs to its
+    rationale (rl.debug.shuffle_rewards)."""
+    gen = torch.Generator().manual_seed(seed)
+    flat = rewards.reshape(-1)
+    return flat[torch.randperm(flat.numel(), generator=gen)].view_as(rewards)
+
+
+# ---------------------------------------------------------------------------------------------- policy batch
+def policy_batch(think, rollout: Rollout, advantages: torch.Tensor, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt + rationale (+ </think> when generated) rows and the mask of the generated tokens.
+
+    input_ids / attention_mask / action_mask [N, T]; advantages [N]. The loss sits on the tokens the policy sampled
+    (rationale body, and the </think> it wrote); a force-closed row has no </think> action.
+    """
+    rows, actions = [], []
+    for prompt, body, closed in zip(rollout.prompts, rollout.bodies, rollout.closed):
+        generated = list(body) + ([think.end_id] if closed else [])
+        rows.append(list(prompt) + generated)
+        actions.append([0] * len(prompt) + [1] * len(generated))
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows])                 # [N, T]
+    attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])          # [N, T]
+    action = torch.tensor([a + [0] * (width - len(a)) for a in actions])                     # [N, T]
+    return {"input_ids": ids, "attention_mask": attention, "action_mask": action,
+            "advantages": advantages.reshape(-1).float()}
+
+
+def sequence_logprobs(model, batch: dict[str, torch.Tensor], temperature: float, with_entropy: bool = False):
+    """log pi(token_t | prefix) [N, T-1] of every next token (at the sampling temperature), and the entropy
+    [N, T-1] of the next-token distribution when asked."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logits = out.logits[:, :-1].float() / temperature                                       # [N, T-1, V]
+    logp = token_logprobs(logits, batch["input_ids"][:, 1:])                                  # [N, T-1]
+    return (logp, entropy_from_logits(logits.detach())) if with_entropy else (logp, None)
+
+
+def micro_batches(batch: dict[str, torch.Tensor], size: int | None) -> list[dict[str, torch.Tensor]]:
+    """Row slices of ``size`` rollouts (None = one micro-batch)."""
+    n = batch["input_ids"].shape[0]
+    size = size or n
+    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+# ---------------------------------------------------------------------------------------------- step statistics
+STAT_NAMES = ("reward_sum", "samples", "groups", "zero_spread_groups", "tokens", "kl_sum", "pg_sum",
+              "clipped_tokens", "entropy_sum", "rationale_tokens", "unclosed")
+
+
+def rollout_stats(rewards: torch.Tensor, per_level: torch.Tensor, rollout: Rollout) -> dict[str, float]:
+    """This rank's sums over its samples (all-reduced by the loop)."""
+    spread = rewards.max(dim=1).values - rewards.min(dim=1).values                            # [B]
+    out = {"reward_sum": float(rewards.sum()), "samples": float(rewards.numel()), "groups": float(rewards.shape[0]),
+           "zero_spread_groups": float((spread == 0).sum()),
+           "rationale_tokens": float(sum(len(b) for b in rollout.bodies)),
+           "unclosed": float((~rollout.closed).sum())}
+    for level in range(per_level.shape[1]):
+        out[f"level{level}_sum"] = float(per_level[:, level].sum())
+    return out
+
+
+def step_row(totals: dict[str, float], step: int) -> dict[str, Any]:
+    """A log row from the all-reduced sums of one step."""
+    samples, tokens = max(totals["samples"], 1.0), max(totals["tokens"], 1.0)
+    row = {"step": step, "reward": totals["reward_sum"] / samples,
+           "zero_spread_share": totals["zero_spread_groups"] / max(totals["groups"], 1.0),
+           "kl": totals["kl_sum"] / tokens, "pg_loss": totals["pg_sum"] / tokens,
+           "clip_frac": totals["clipped_tokens"] / tokens, "entropy": totals["entropy_sum"] / tokens,
+           "rationale_length": totals["rationale_tokens"] / samples, "unclosed_share": totals["unclosed"] / samples}
+    for key in sorted(k for k in totals if k.startswith("level")):
+        row[f"reward_level{key[5:-4]}"] = totals[key] / samples
+    return row
+
+
+def summarise(history: list[dict[str, Any]], heldout: dict[str, Any], timing: dict[str, float]) -> dict[str, Any]:
+    """The run's summary: reward of the first / last 10 steps, KL and clip-fraction maxima, held-out before/after,
+    seconds per phase."""
+    rewards = [row["reward"] for row in history]
+    return {"reward_first10": float(np.mean(rewards[:10])) if rewards else None,
+            "reward_last10": float(np.mean(rewards[-10:])) if rewards else None,
+            "kl_max": max((row["kl"] for row in history), default=None),
+            "clip_frac_max": max((row["clip_frac"] for row in history), default=None),
+            "unclosed_share_max": max((row["unclosed_share"] for row in history), default=None),
+            "rewards": rewards, "heldout": heldout, "timing": timing, "steps": len(history)}
+
+
+# ---------------------------------------------------------------------------------------------- held-out users
+def heldout_sums(model, decoder, think, users: PromptSet, reward: str, max_think_tokens: int, pad_token_id: int,
+                 k: int = 10) -> dict[str, float]:
+    """Think-mode evaluation sums of ``users``: greedy rationale -> constrained decode -> hit@k and reward."""
+    from onerec_dist.reasoning.cot_format import close_think
+    from onerec_dist.reasoning.think_eval import generate_rationales
+
+    if len(users) == 0:
+        return {"users": 0.0, "hits": 0.0, "reward_sum": 0.0, "unclosed": 0.0}
+    bodies, closed = generate_rationales(model, think, users.prompts, max_think_tokens, pad_token_id)
+    result = decoder.decode([close_think(think, p, b) for p, b in zip(users.prompts, bodies)])
+    items = result.items.cpu()                                                               # [U, K]
+    hits = (items[:, :k] == torch.as_tensor(users.targets).unsqueeze(1)).any(dim=1)         # [U]
+    beams = result.codes.cpu().masked_fill((items < 0).unsqueeze(-1), MISSING_CODE)         # [U, K, L]
+    rewards = compute_reward(reward, beams, torch.as_tensor(users.target_codes, dtype=torch.long))
+    return {"users": float(len(users)), "hits": float(hits.sum()), "reward_sum": float(rewards.sum()),
+            "unclosed": float((~closed).sum())}
+
+
+# ---------------------------------------------------------------------------------------------- the run (driver)
+def prompt_set(tokenizer, think, item_codes: np.ndarray, examples, max_prompt_length: int,
+               limit: int | None = None) -> PromptSet:
+    """The inference prompts of ``examples`` (first ``limit`` users), history cut from the left to fit."""
+    from onerec_dist.reasoning.cot_format import inference_prompt
+
+    count = len(examples) if limit is None else min(limit, len(examples))
+    histories = [list(examples.histories[i]) for i in range(count)]
+    targets = np.asarray(examples.targets[:count], dtype=np.int64)
+    prompts = [inference_prompt(tokenizer, think, item_codes, h, max_prompt_length) for h in histories]
+    return PromptSet(prompts, targets, np.asarray(item_codes)[targets].reshape(count, -1), histories)
+
+
+def rl_engine_configs(cfg, rl: RLConfig):
+    """trainer / deepspeed configs of the RL run: rl.lr, rl.max_steps x updates, rl.micro_batches accumulation."""
+    from omegaconf import OmegaConf
+
+    from onerec_dist.training.config import deepspeed_config, trainer_config
+
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer.update(lr=rl.lr, max_steps=rl.max_steps * rl.updates_per_rollout, grad_accum_steps=rl.micro_batches,
+                   micro_batch_size=rl.micro_batch_rollouts or rl.rollouts_per_rank, batching="examples",
+                   max_epochs=None, validate_every=0)
+    return trainer_config(trainer), deepspeed_config(OmegaConf.to_container(cfg.deepspeed, resolve=True))
+
+
+def run_rl(cfg, output_dir) -> dict[str, Any]:
+    """`onerec rl`: GRPO from ``model.name_or_path`` (the reason_sft export) on the training users; held-out users
+    from the validation split. Writes ``summary.json`` and ``export/`` (which carries the model's item IDs)."""
+    import json
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from onerec_dist.data.config import data_config
+    from onerec_dist.data.splits import load_dataset, make_splits
+    from onerec_dist.distributed.rl_worker import rl_loop
+    from onerec_dist.distributed.worker_group import run_on_workers
+    from onerec_dist.model_setup import model_config, semantic_ids_for_run
+    from onerec_dist.sid.model_ids import copy_model_ids
+    from onerec_dist.sid.tokens import ItemTokenizer
+
+    rl = rl_config(OmegaConf.to_container(cfg.rl, resolve=True) if "rl" in cfg else {})
+    model_dir = model_config(cfg).name_or_path
+    if not model_dir:
+        raise ValueError("onerec rl starts from the CoT SFT model: set model.name_or_path to the reason_sft export "
+                         "(`onerec reason stage=sft`; the pipeline hands it over)")
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(data_config(cfg))
+    splits = make_splits(data, data_config(cfg))
+    item_codes, _, ids_source = semantic_ids_for_run(cfg, data, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    think, _ = check_policy(tokenizer, ItemTokenizer.from_tokenizer, len(item_codes), rl)
+    train = prompt_set(tokenizer, think, item_codes, splits["train"], rl.max_prompt_length)
+    valid = splits.get("valid")
+    heldout = prompt_set(tokenizer, think, item_codes, valid, rl.max_prompt_length, rl.heldout_users) \
+        if valid is not None and rl.heldout_users else train.take([])
+    trainer, ds = rl_engine_configs(cfg, rl)
+    print(f"rl: GRPO G={rl.group_size} K={rl.beam_width}, {rl.prompts_per_rank} prompts x {trainer.num_workers} "
+          f"worker(s), ZeRO-{ds.zero_stage}, {rl.max_steps} steps, reward {rl.reward}"
+          + (", rewards shuffled (control)" if rl.debug.shuffle_rewards else ""), flush=True)
+    config = {"rl": rl, "model_dir": str(model_dir), "item_codes": np.asarray(item_codes), "train": train,
+              "heldout": heldout, "output_dir": str(output_dir), "resume_dir": rl.resume}
+    summary = run_on_workers(rl_loop, config, trainer, ds, output_dir)[0]
+    copy_model_ids(model_dir, summary["export_dir"])
+    summary.update({"semantic_ids": ids_source, "model": str(model_dir), "num_items": len(item_codes),
+                    "shuffle_rewards": rl.debug.shuffle_rewards})
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(f"rl: reward {summary['reward_first10']:.4f} (first 10 steps) -> {summary['reward_last10']:.4f} "
+          f"(last 10); kl_max {summary['kl_max']:.3g}; held-out {summary['heldout']}", flush=True)
+    return summary
