@@ -23,6 +23,7 @@ STAGES: dict[str, StageSpec] = {
     "reason_bootstrap": StageSpec("onerec_dist.stages.reason", "rationale bootstrapping, for pipelines",
                                   "run_bootstrap"),
     "reason_sft": StageSpec("onerec_dist.stages.reason", "CoT SFT on the rationales, for pipelines", "run_sft"),
+    "rl": StageSpec("onerec_dist.stages.rl", "Reasoning Enhancement: GRPO with the Rollout-Beam reward"),
     "eval": StageSpec("onerec_dist.stages.eval", "Recall/NDCG/validity by constrained beam search, with baselines"),
     "ablation": StageSpec("onerec_dist.stages.ablation", "one row of the ablation table (row=base|ia|...), then "
                           "the table"),

@@ -31,6 +31,7 @@ HANDOFFS = {
     # The rationales go to reason_sft, which still starts from the multi-task export (model.name_or_path unchanged).
     "reason_bootstrap": lambda summary: {"reasoning.sft.rationales_path": summary["records"]},
     "reason_sft": _model_handoff,
+    "rl": _model_handoff,  # GRPO starts from the reason_sft export; eval then sees the RL export
 }
 
 
