@@ -125,6 +125,7 @@ def grpo_step(strategy, engine, reference, config, think, pad, decoder, sampler,
     if cfg.debug.shuffle_rewards:
         rewards = grpo.shuffle_rewards(rewards, seed)
     batch = grpo.policy_batch(think, rollout, group_advantages(rewards, cfg.advantage), pad)
+    batch = {k: v.to(strategy.device) for k, v in batch.items()}
     mark("reward")
     with torch.no_grad():
         batch["old_logprobs"] = torch.cat([grpo.sequence_logprobs(engine, p, cfg.temperature)[0]
