@@ -88,10 +88,15 @@ def stop(output_dir: Path, app_name: str, timeout_s: float = 60.0) -> dict:
 
 
 def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (one that exited but its parent has not reaped it yet)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc: trust kill(pid, 0)
+    return state != "Z"
