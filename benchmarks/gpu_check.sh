@@ -66,7 +66,10 @@ register loss_memory "transformers" \
     "$PY benchmarks/bench_loss_memory.py --device cpu --quick $FLAGS --out-dir $DRY_OUT"
 register think_ahead "transformers pyarrow" \
     "$PY benchmarks/bench_think_ahead.py --device cuda --preset small --items 20000 --codebooks 32x32x32 --users 64 --think-tokens 64 $FLAGS" \
-    "$PY benchmarks/bench_think_ahead.py --device cpu --quick --repeats 3 $FLAGS --out-dir $DRY_OUT"
+    "$PY benchmarks/bench_think_ahead.py --device cpu --items 100 --codebooks 4x5x5 --users 4 --think-tokens 4 --rationales 2 --growth-t 1,2 --growth-b 2 --repeats 3 $FLAGS --out-dir $DRY_OUT"
+register rl_step "transformers trl datasets" \
+    "$PY benchmarks/bench_rl_step.py --device cuda --size gpu $FLAGS" \
+    "$PY benchmarks/bench_rl_step.py --device cpu --quick $FLAGS --out-dir $DRY_OUT"
 # ----------------------------------------------------------------------------------------------------------------------
 
 SECONDS_PER_PIECE=${GPU_CHECK_PIECE_TIMEOUT:-$([[ $MODE == dry ]] && echo 150 || echo 240)}
