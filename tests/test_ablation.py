@@ -140,3 +140,61 @@ def test_missing_parent_and_missing_stage_errors(tmp_path):
         from onerec_dist.ablation.config import row_choice
 
         row_choice(compose(["row=nope"]))
+
+
+# ---------------------------------------------------------------------------------------------- one real run
+
+DATA = ["data.synthetic.num_users=60", "data.synthetic.num_items=40", "sid.codebook_size=4"]
+ENGINE = ["trainer.max_steps=10", "align.warmup.max_steps=4", "trainer.micro_batch_size=4", "trainer.log_every=2",
+          "trainer.checkpoint_every=0", "align.validation_users=8", "align.verify_warmup=false"]
+EVAL = ["eval.beam_width=10", "eval.top_k=10", "eval.ks=[1,5,10]", "eval.ndcg_ks=[5,10]", "eval.batch_size=8",
+        "eval.max_users=16", "ablation.num_resamples=200"]
+
+
+@pytest.fixture(scope="module")
+def ray_session(tmp_path_factory):
+    """One Ray for the module's two trainings (a loaded machine may be slow to start one)."""
+    import os
+    import shutil
+
+    ray = pytest.importorskip("ray")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        temp = f"/tmp/ray_abl{os.getpid()}"
+        ray.init(num_cpus=2, _temp_dir=temp)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_rows_base_ia_and_popular_make_the_table(ray_session, tmp_path):
+    from onerec_dist.cli import main
+    from onerec_dist.metrics import recall_at_k
+
+    for row in ("popular", "base", "ia"):
+        assert main(["ablation", f"row={row}", f"output_dir={tmp_path}", *DATA, *ENGINE, *EVAL]) == 0, row
+    for name in ("table.md", "table.csv", "table.json", "table.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    records = {r["row"]: r for r in json.loads((tmp_path / "table.json").read_text())}
+    assert list(records) == ["base", "ia", "popular"]
+    base, ia = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("base", "ia"))
+    # base: the raw model (init_model: untrained, item tokens added) + next-item SFT; the loss falls.
+    assert list(base["step_summaries"]) == ["sid", "init_model", "align_multitask", "eval"]
+    sft = base["step_summaries"]["align_multitask"]
+    assert sft["steps"] == 10 and sft["loss_last"] < sft["loss_first"] and base["training_tokens"] == sft["tokens"] > 0
+    # ia: warm-up then multi-task; its tokens are the sum of both trainings.
+    steps = ia["step_summaries"]
+    assert steps["align_warmup"]["steps"] == 4 and steps["align_multitask"]["steps"] == 10
+    assert ia["training_tokens"] == steps["align_warmup"]["tokens"] + steps["align_multitask"]["tokens"]
+    # Recall@10 of the table = eval's = recomputed from the saved predictions; the same 16 users in every row.
+    predictions = pq.read_table(ia["predictions_path"]).to_pydict()
+    assert records["ia"]["recall@10"] == ia["metrics"]["recall@10"] == recall_at_k(
+        [p[:10] for p in predictions["model"]], predictions["target"], 10)
+    assert {r["num_users"] for r in records.values()} == {16}
+    assert records["ia"]["delta_vs"] == "base" and records["ia"]["delta_recall@10"] == pytest.approx(
+        ia["metrics"]["recall@10"] - base["metrics"]["recall@10"])
+    assert records["ia"]["delta_ci_low"] <= records["ia"]["delta_recall@10"] <= records["ia"]["delta_ci_high"]
+    assert records["popular"]["kind"] == "baseline" and records["popular"]["training_tokens"] == 0
