@@ -1,0 +1,308 @@
+"""GRPO recipe (onerec_dist/recipes/grpo.py) and its worker loop (onerec_dist/distributed/rl_worker.py).
+
+The world: a tiny Qwen3 with 3-level item tokens (codebooks 3 x 4 x 5) over 20 catalogue items and <think> /
+</think>; users have 3-item histories. Single-process tests run the loop's ``grpo_step`` with ``LocalStrategy`` (the
+strategy's interface on one process, plain torch AdamW); one test runs the whole loop on 2 gloo workers under Ray
+with DeepSpeed ZeRO-2 through ``run_on_workers``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from onerec_dist.decoding.beam_search import ConstrainedDecoder
+from onerec_dist.models import build_tiny_model, build_tokenizer_from_corpus
+from onerec_dist.reasoning.cot_format import add_think_tokens, close_think
+from onerec_dist.recipes import grpo
+from onerec_dist.sid.prefix_index import PrefixIndex
+from onerec_dist.sid.tokens import ItemTokenizer, ItemTokenSpec
+from onerec_dist.sid.vocab import extend_vocabulary
+
+SIZES = [3, 4, 5]
+NUM_ITEMS = 20
+SEED = 5
+
+
+def build_world(think_tokens: bool = True, tie: bool = True):
+    """(model, tokenizer, item_tokenizer, think, codes [20, 3] numpy, users PromptSet of 12 users)."""
+    gen = torch.Generator().manual_seed(SEED)
+    all_ids = torch.tensor(list(itertools.product(*[range(k) for k in SIZES])))  # [60, 3]
+    codes = all_ids[torch.randperm(len(all_ids), generator=gen)[:NUM_ITEMS]].numpy()  # [20, 3] unique
+    tokenizer = build_tokenizer_from_corpus(["the user bought a red lamp and a blue chair, then"] * 4, vocab_size=300)
+    model = build_tiny_model(tokenizer, tie_word_embeddings=tie, seed=SEED)
+    item_tok = extend_vocabulary(model, tokenizer, ItemTokenSpec(3, SIZES), seed=SEED)
+    think = add_think_tokens(model, tokenizer, seed=SEED) if think_tokens else None
+    rng = np.random.default_rng(SEED)
+    histories = [rng.choice(NUM_ITEMS, 3, replace=False).tolist() for _ in range(12)]
+    targets = rng.integers(0, NUM_ITEMS, 12)
+    users = grpo.PromptSet(*(_prompts(tokenizer, think, codes, histories, targets) if think else ([], targets,
+                                                                                                  codes[targets], [])))
+    return model, tokenizer, item_tok, think, codes, users
+
+
+SFT_STEPS = 120
+RATIONALE_TOKENS = 6  # one-token rationales the trained world knows: token t_j leads to item ITEM_OF[j]
+
+
+def trained_world():
+    """``build_world`` after a short SFT in which the rationale decides the item: for every user and j < 6,
+    prompt + t_j + </think> + separator + <|item_begin|> + ID of item j, loss on everything after <think>. A random
+    tiny model decodes the same item whatever the rationale (its last positions dominate), so GRPO would get no
+    reward spread; after this SFT pi(t_j | prompt) ~ 1/6 and t_j decodes item j. Also returns the t_j."""
+    from onerec_dist.prompts import end_of_turn_ids
+
+    model, tokenizer, item_tok, think, codes, users = build_world(tie=False)
+    vocab = tokenizer.get_vocab()
+    rationale_ids = sorted(i for t, i in vocab.items() if t.isalpha() and len(t) > 2)[:RATIONALE_TOKENS]
+    rows = []
+    for prompt in users.prompts[:4]:
+        for j, token in enumerate(rationale_ids):
+            answer = close_think(think, [], [token]) + item_tok.encode_with_boundaries(
+                torch.as_tensor(codes[j])).tolist() + end_of_turn_ids(tokenizer)
+            rows.append((list(prompt), answer))
+    width = max(len(p) + len(a) for p, a in rows)
+    ids = torch.tensor([p + a + [0] * (width - len(p) - len(a)) for p, a in rows])            # [72, W]
+    labels = torch.tensor([[-100] * len(p) + a + [-100] * (width - len(p) - len(a)) for p, a in rows])
+    mask = (torch.arange(width)[None] < torch.tensor([len(p) + len(a) for p, a in rows])[:, None]).long()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    torch.manual_seed(SEED)
+    model.train()
+    for _ in range(SFT_STEPS):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return (model, tokenizer, item_tok, think, codes, users), rationale_ids
+
+
+@pytest.fixture(scope="module")
+def world_state():
+    """The trained world's weights (trained once per module; each test gets a fresh copy)."""
+    world, rationale_ids = trained_world()
+    return world, rationale_ids
+
+
+@pytest.fixture
+def world(world_state):
+    (model, *rest), rationale_ids = world_state
+    return (copy.deepcopy(model), *rest)
+
+
+def _prompts(tokenizer, think, codes, histories, targets):
+    from onerec_dist.reasoning.cot_format import inference_prompt
+
+    prompts = [inference_prompt(tokenizer, think, codes, h) for h in histories]
+    return prompts, np.asarray(targets), codes[targets], histories
+
+
+class LocalStrategy:
+    """DeepSpeedStrategy's interface on one process: identity collectives, plain AdamW."""
+
+    rank, world_size, is_rank0 = 0, 1, True
+    device = torch.device("cpu")
+
+    def __init__(self, model, lr: float):
+        self.engine = model
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                           weight_decay=0.0)
+
+    def all_reduce(self, values):
+        return values.detach().double().clone()
+
+    @contextlib.contextmanager
+    def gathered_parameters(self, model=None):
+        module = model or self.engine
+        was = module.training
+        module.eval()
+        try:
+            yield module
+        finally:
+            module.train(was)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+
+def run_steps(world, cfg: grpo.RLConfig, steps: int, frozen=(), hook=None):
+    """``steps`` GRPO steps of the loop's grpo_step; returns (strategy, reference, per-step rank stats)."""
+    from onerec_dist.distributed.rl_worker import grpo_step
+
+    model, tokenizer, item_tok, think, codes, users = world
+    for name, param in model.named_parameters():
+        param.requires_grad_(not any(name.startswith(f) for f in frozen))
+    if hook is not None:
+        hook()
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    strategy = LocalStrategy(model, cfg.lr)
+    decoder = ConstrainedDecoder(model, item_tok, PrefixIndex.build(torch.as_tensor(codes), SIZES), cfg.beam_width,
+                                 cfg.beam_width)
+    sampler = grpo.PromptSampler(len(users), cfg.prompts_per_rank, 0, 1, cfg.seed)
+    config = {"rl": cfg, "train": users}
+    history = []
+    model.train()
+    for step in range(steps):
+        stats, seconds = grpo_step(strategy, model, reference, config, think, tokenizer.pad_token_id, decoder,
+                                   sampler, step)
+        history.append((stats, seconds))
+    return strategy, reference, history
+
+
+# ---------------------------------------------------------------------------------------------- one step
+def test_one_step_changes_only_trainable_params_and_is_finite(world):
+    model = world[0]
+    cfg = grpo.RLConfig(group_size=8, beam_width=1, prompts_per_rank=3, max_think_tokens=1, lr=1e-2, max_steps=1,
+                        reward="rollout_beam")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    strategy, reference, history = run_steps(world, cfg, 1, frozen=("model.embed_tokens",))
+    stats, seconds = history[0]
+    # the guard: a step whose groups all had equal rewards has advantage 0 everywhere and must not move anything
+    assert stats["zero_spread_groups"] < stats["groups"], "fixture gives no reward spread: the test could not fail"
+    row = grpo.step_row(stats, 1)
+    assert all(math.isfinite(row[k]) for k in ("reward", "kl", "pg_loss", "entropy", "clip_frac"))
+    # step 1: actor == reference, so every k3 term exp(0) - 0 - 1 = 0; on-policy ratio 1 never clips
+    assert row["kl"] == pytest.approx(0.0, abs=1e-6) and row["clip_frac"] == 0.0
+    assert 0.0 <= row["reward"] <= 1.0 and 0 < row["rationale_length"] <= cfg.max_think_tokens
+    assert set(seconds) == {"rollout", "reward", "reference", "update", "sync"}
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed and not any(n.startswith("model.embed_tokens") for n in changed)   # frozen stays bit-identical
+    assert all(torch.equal(p, before[n]) for n, p in reference.named_parameters())    # the reference never moves
+
+
+def test_policy_batch_masks_generated_tokens_only():
+    world = build_world()
+    think = world[3]
+    rollout = grpo.Rollout(prompts=[[7, 8, think.begin_id], [7, think.begin_id]], bodies=[[20, 21], [22, 23, 24]],
+                           closed=np.array([True, False]), target_codes=torch.zeros(2, 3, dtype=torch.long),
+                           group_size=2)
+    batch = grpo.policy_batch(think, rollout, torch.tensor([[0.5, -0.5]]), pad_token_id=0)
+    # row 0: prompt (3) + body (2) + </think> it wrote; row 1: prompt (2) + body (3), force-closed: no </think> action
+    assert batch["input_ids"].tolist() == [[7, 8, think.begin_id, 20, 21, think.end_id],
+                                           [7, think.begin_id, 22, 23, 24, 0]]
+    assert batch["action_mask"].tolist() == [[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 0]]
+    assert batch["attention_mask"].tolist() == [[1] * 6, [1] * 5 + [0]]
+    assert batch["advantages"].tolist() == [0.5, -0.5]
+
+
+def test_shuffle_rewards_is_a_permutation_that_breaks_the_pairing():
+    rewards = torch.arange(12, dtype=torch.float32).view(3, 4) / 12
+    shuffled = grpo.shuffle_rewards(rewards, seed=1)
+    assert sorted(shuffled.flatten().tolist()) == sorted(rewards.flatten().tolist())
+    assert not torch.equal(shuffled, rewards)
+
+
+# ---------------------------------------------------------------------------------------------- learning signal
+def item_masses(model, decoder, think, prompt) -> np.ndarray:
+    """[items] E[r] of the hit reward of each item for one-token rationales t, exactly: sum_t pi(t | prompt) *
+    h(t), h(t) = 1 when the greedy item (K = 1) after prompt + t + </think> is that item (every vocabulary token t
+    is decoded in one batch; a t that is </think> itself is the closed empty rationale)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1].float(), -1)  # [V]
+        prefixes = [close_think(think, prompt, None if t == think.end_id else [t]) for t in range(len(probs))]
+        items = decoder.decode(prefixes).items[:, 0]                                             # [V]
+    model.train(was_training)
+    return np.bincount(items.numpy(), weights=probs.numpy(), minlength=NUM_ITEMS)
+
+
+def test_reward_favouring_one_item_rises(world):
+    """One user, one-token rationales t, K = 1 and the hit reward of one item (of those some t lead to, the least
+    likely one).
+
+    Only the (untied) output-layer rows of non-item tokens train: the hidden states and the item-code rows stay
+    fixed, so h(t) (the greedy item after t; the full-vocabulary lse is common to all codes of a row and never
+    changes an argmax) is fixed exactly, and E[r] = sum_t pi(t | prompt) h(t) changes only through pi. GRPO's
+    expected gradient sum_t pi(t) A(t) grad log pi(t) is the covariance of h and grad log pi, so each step moves pi
+    towards the tokens with h(t) = 1 and E[r] rises. Measured exactly (every t decoded), not sampled."""
+    from onerec_dist.training.engine_api import restrict_rows
+
+    model, tokenizer, item_tok, think, codes, users = world
+    one = users.take([0])
+    decoder = ConstrainedDecoder(model, item_tok, PrefixIndex.build(torch.as_tensor(codes), SIZES), 1, 1)
+    # the target: of the items that one-token rationales lead to with probability > 5 %, the least likely one
+    masses = item_masses(model, decoder, think, one.prompts[0])
+    target = min((m, i) for i, m in enumerate(masses) if m > 0.05)[1]
+    one = grpo.PromptSet(one.prompts, np.array([target]), codes[[target]], one.histories)
+    start = masses[target]
+    with torch.no_grad():
+        items_before = decoder.decode([close_think(think, one.prompts[0], [t])
+                                       for t in range(model.get_output_embeddings().weight.shape[0])]).items
+    cfg = grpo.RLConfig(group_size=16, beam_width=1, prompts_per_rank=1, max_think_tokens=1, lr=1e-2, kl_coef=0.0,
+                        reward="hit", max_steps=6)
+    head = model.get_output_embeddings().weight
+    assert head is not model.get_input_embeddings().weight
+    item_rows = set(item_tok.item_token_ids().tolist())
+    frozen = [name for name, p in model.named_parameters() if p is not head]
+    run_steps((model, tokenizer, item_tok, think, codes, one), cfg, cfg.max_steps, frozen=tuple(frozen),
+              hook=lambda: restrict_rows(head, [r for r in range(head.shape[0]) if r not in item_rows]))
+    items_after = decoder.decode([close_think(think, one.prompts[0], [t]) for t in range(head.shape[0])]).items
+    end = item_masses(model, decoder, think, one.prompts[0])[target]
+    assert 0.0 < start < 1.0
+    assert torch.equal(items_after, items_before)       # h fixed, as the argument needs
+    assert end > start + 0.05, (start, end)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_bad_input_errors():
+    model, tokenizer, item_tok, think, codes, users = build_world()
+    cfg = grpo.RLConfig(group_size=2, beam_width=4)
+    with pytest.raises(ValueError, match="rl.group_size"):
+        grpo.RLConfig(group_size=1)
+    with pytest.raises(ValueError, match="rl.beam_width=21 is larger than the catalogue"):
+        grpo.check_policy(tokenizer, ItemTokenizer.from_tokenizer, NUM_ITEMS, grpo.RLConfig(beam_width=21))
+    with pytest.raises(ValueError, match="rl.reward: 'nope' is not allowed; allowed values: rollout_beam, "):
+        grpo.RLConfig(reward="nope")
+    bare = build_world(think_tokens=False)
+    with pytest.raises(ValueError, match="<think> / </think>"):
+        grpo.check_policy(bare[1], ItemTokenizer.from_tokenizer, NUM_ITEMS, cfg)
+    plain = build_tokenizer_from_corpus(["a b c"] * 4, vocab_size=300)
+    add_think_tokens(build_tiny_model(plain, seed=0), plain)
+    with pytest.raises(ValueError, match="item tokens"):
+        grpo.check_policy(plain, ItemTokenizer.from_tokenizer, NUM_ITEMS, cfg)
+    other = build_tiny_model(tokenizer, preset="small", seed=0)
+    with pytest.raises(ValueError, match="reference policy does not match the actor"):
+        grpo.check_reference(model, other)
+    grpo.check_reference(model, copy.deepcopy(model))  # a copy matches
+    with pytest.raises(ValueError, match="prompts_per_rank=4 x 2 workers needs at least 8"):
+        grpo.PromptSampler(5, 4, 0, 2, 0)
+
+
+def test_unclosed_rollouts_are_counted():
+    world = build_world()
+    cfg = grpo.RLConfig(group_size=2, beam_width=2, prompts_per_rank=2, max_think_tokens=2, lr=1e-3)
+    _, _, history = run_steps(world, cfg, 1)
+    stats = history[0][0]
+    # a 2-token cap on a random model: (almost) no row writes </think>; the count is what step_row reports
+    row = grpo.step_row(stats, 1)
+    assert stats["unclosed"] >= 1 and row["unclosed_share"] == stats["unclosed"] / stats["samples"]
+    assert row["rationale_length"] <= 2
+
+
+def test_prompt_sampler_is_deterministic_and_disjoint_across_ranks():
+    a0, a1 = grpo.PromptSampler(10, 2, 0, 2, 3), grpo.PromptSampler(10, 2, 1, 2, 3)
+    rows0 = [a0.next_rows() for _ in range(2)]
+    rows1 = [a1.next_rows() for _ in range(2)]
+    assert not set(sum(rows0, [])) & set(sum(rows1, []))        # one epoch: ranks take disjoint users
+    resumed = grpo.PromptSampler(10, 2, 0, 2, 3)
+    resumed.load_state_dict({"position": 1})
+    assert resumed.next_rows() == rows0[1]
+
+
+def test_summary_fields():
+    history = [{"reward": r, "kl": 0.1 * i, "clip_frac": 0.0, "unclosed_share": 0.0}
+               for i, r in enumerate(np.linspace(0, 1, 20))]
+    out = grpo.summarise(history, {"before": {}, "after": {}}, {"rollout": 1.0})
+    # first 10 of 0, 1/19, ..., 1: mean 4.5/19; last 10: mean 14.5/19
+    assert out["reward_first10"] == pytest.approx(4.5 / 19) and out["reward_last10"] == pytest.approx(14.5 / 19)
+    assert out["kl_max"] == pytest.approx(1.9)
