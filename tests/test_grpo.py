@@ -12,6 +12,8 @@ import contextlib
 import copy
 import itertools
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -306,3 +308,44 @@ def test_summary_fields():
     # first 10 of 0, 1/19, ..., 1: mean 4.5/19; last 10: mean 14.5/19
     assert out["reward_first10"] == pytest.approx(4.5 / 19) and out["reward_last10"] == pytest.approx(14.5 / 19)
     assert out["kl_max"] == pytest.approx(1.9)
+
+
+# ---------------------------------------------------------------------------------------------- 2 workers, ZeRO-2
+@pytest.mark.slow
+def test_two_worker_zero2_run_writes_the_summary(tmp_path):
+    """The whole loop (rl_worker.rl_loop) on 2 gloo workers under Ray with DeepSpeed ZeRO-2: 2 steps, held-out
+    users before / after, a checkpoint, the export."""
+    import os
+
+    ray = pytest.importorskip("ray")
+    from onerec_dist.distributed.rl_worker import PHASES, rl_loop
+    from onerec_dist.distributed.worker_group import run_on_workers
+    from onerec_dist.training.config import DeepSpeedConfig, TrainerConfig
+
+    model, tokenizer, item_tok, think, codes, users = build_world()
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    rl = grpo.RLConfig(group_size=2, beam_width=2, prompts_per_rank=2, max_think_tokens=4, max_steps=2, lr=1e-3,
+                       heldout_users=4, checkpoint_every=2)
+    config = {"rl": rl, "model_dir": str(tmp_path / "model"), "item_codes": codes, "train": users,
+              "heldout": users.take(range(4)), "output_dir": str(tmp_path / "run")}
+    trainer = TrainerConfig(num_workers=2, max_steps=2, micro_batch_size=4, lr=1e-3, lr_schedule="constant",
+                            precision="fp32", weight_decay=0.0, checkpoint_every=0, resume="never",
+                            wandb={"mode": "disabled"})
+    temp_dir = f"/tmp/ray_g{os.getpid()}"  # short: Unix socket paths < 107 bytes
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+        ray.init(num_cpus=2, _temp_dir=temp_dir)
+        try:
+            results = run_on_workers(rl_loop, config, trainer, DeepSpeedConfig(zero_stage=2), tmp_path / "run")
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    summary = results[0]
+    assert results[1] is None and summary["world_size"] == 2 and summary["steps"] == 2
+    assert len(summary["rewards"]) == 2 and all(0.0 <= r <= 1.0 for r in summary["rewards"])
+    assert math.isfinite(summary["kl_max"]) and summary["clip_frac_max"] == 0.0
+    assert set(summary["heldout"]) == {"before", "after"} and summary["heldout"]["after"]["users"] == 4
+    assert set(summary["timing"]) == set(PHASES)
+    assert Path(summary["checkpoint_dir"]).is_dir() and (Path(summary["export_dir"]) / "config.json").is_file()
