@@ -150,7 +150,8 @@ def trl_step(world, size, rl_cfg, workdir: Path):
     model.save_pretrained(workdir / "model")
     tokenizer.save_pretrained(workdir / "model")
     policy = None
-    trainer = GRPOTrainer(model=str(workdir / "model"), reward_funcs=[beam_reward], args=args, processing_class=tokenizer,
+    trainer = GRPOTrainer(model=str(workdir / "model"), reward_funcs=[beam_reward], args=args,
+                          processing_class=tokenizer,
                           train_dataset=Dataset.from_dict({"prompt": text, "target": users.targets.tolist()}))
     policy = trainer.model
     trainer.create_optimizer_and_scheduler(num_training_steps=10 ** 6)
