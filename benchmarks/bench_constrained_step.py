@@ -165,7 +165,7 @@ def main(argv=None):
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     results = [bench_shape(*shape, dtype, device, args) for shape in shapes for dtype in args.dtypes.split(",")]
     print_table(results)
-    report = {"peak_gbps": args.peak_gbps, "copy_bandwidth_bytes_per_s": bandwidth,
+    report = {"device": args.device, "peak_gbps": args.peak_gbps, "copy_bandwidth_bytes_per_s": bandwidth,
               "baseline": "naive per-row Python loop (gather allowed codes, logsumexp, stable sort)",
               "results": results}
     out = run.finish(report, f"constrained_step_{device_suffix(args.device)}{'_' + args.tag if args.tag else ''}",

@@ -355,9 +355,9 @@ def test_benchmark_quick_writes_json(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_constrained_step", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    out = tmp_path / "bench.json"
-    bench.main(["--quick", "--device", "cpu", "--dtypes", "fp32", "--reps", "1", "--warmup", "0", "--out", str(out)])
-    report = json.loads(out.read_text())
+    bench.main(["--quick", "--device", "cpu", "--dtypes", "fp32", "--reps", "5", "--warmup", "0", "--allow-dirty",
+                "--out-dir", str(tmp_path)])
+    report = json.loads((tmp_path / "constrained_step_cpu.json").read_text())
     assert report["device"] == "cpu" and len(report["results"]) == len(bench.QUICK_SHAPES)
     for row in report["results"]:
         assert row["reference_speedup_vs_naive"] == pytest.approx(row["naive_ms"] / row["reference_ms"])
