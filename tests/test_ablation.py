@@ -161,6 +161,8 @@ def ray_session(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
         temp = f"/tmp/ray_abl{os.getpid()}"
+        if ray.is_initialized():  # an earlier test of the session may have left its driver connected
+            ray.shutdown()
         ray.init(num_cpus=2, _temp_dir=temp)
         try:
             yield

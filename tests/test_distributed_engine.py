@@ -387,6 +387,8 @@ def ray_session(tmp_path_factory):
         mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
         mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
         mp.setenv("OMP_NUM_THREADS", "1")
+        if ray.is_initialized():  # an earlier test of the session may have left its driver connected
+            ray.shutdown()
         ray.init(num_cpus=WORKERS, _temp_dir=f"/tmp/ray_t{os.getpid()}")
         try:
             yield

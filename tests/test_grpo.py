@@ -336,6 +336,8 @@ def test_two_worker_zero2_run_writes_the_summary(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
         mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+        if ray.is_initialized():  # an earlier test of the session may have left its driver connected
+            ray.shutdown()
         ray.init(num_cpus=2, _temp_dir=temp_dir)
         try:
             results = run_on_workers(rl_loop, config, trainer, DeepSpeedConfig(zero_stage=2), tmp_path / "run")

@@ -151,6 +151,8 @@ def pipeline_run(tmp_path_factory):
     ray = pytest.importorskip("ray")
     out = tmp_path_factory.mktemp("pipe")
     temp = f"/tmp/ray_m{os.getpid()}"
+    if ray.is_initialized():  # an earlier test of the session may have left its driver connected
+        ray.shutdown()
     ray.init(num_cpus=2, _temp_dir=temp)
     try:
         assert main(["pipeline", f"output_dir={out}", "pipeline.stages=[sid,align_warmup,eval]", *TINY, *SID]) == 0

@@ -94,6 +94,8 @@ def ray_session(tmp_path_factory):
         mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
         mp.setenv("OMP_NUM_THREADS", "1")
         temp = f"/tmp/ray_r{os.getpid()}"
+        if ray.is_initialized():  # an earlier test of the session may have left its driver connected
+            ray.shutdown()
         ray.init(num_cpus=2, _temp_dir=temp)
         try:
             yield
