@@ -53,12 +53,16 @@ def starting_model(cfg, stage: str, output_dir: Path):
 
 
 def build_examples(align_cfg: AlignConfig, stage: str, data, train, item_codes, tokenizer, seed: int):
+    import os
+
     from onerec_dist.training.tasks import DEFAULT_RATIOS, build_alignment_mixture, warmup_examples
 
+    # Example building in processes (training/tasks_parallel.py); the examples do not depend on the count.
+    processes = align_cfg.build_processes or min(4, os.cpu_count() or 1)
     if stage == "warmup":
         return warmup_examples(data, train, item_codes, tokenizer, num_examples=align_cfg.warmup.num_examples,
                                max_length=align_cfg.max_length, seed=seed,
-                               max_persona_items=align_cfg.max_persona_items)
+                               max_persona_items=align_cfg.max_persona_items, processes=processes)
     mt = align_cfg.multitask
     # A ratio left at the paper's default (conf/align/default.yaml) is not the user's choice: a task it selects may
     # be dropped when the catalogue cannot feed it (no item text); a ratio the user changed never is.
@@ -68,7 +72,7 @@ def build_examples(align_cfg: AlignConfig, stage: str, data, train, item_codes, 
         max_length=align_cfg.max_length, seed=seed, general_text_path=mt.general_text_path,
         max_history=align_cfg.max_history, max_persona_items=align_cfg.max_persona_items,
         max_description_tokens=mt.max_description_tokens, explicit_ratios=explicit,
-        sequential_format=mt.sequential_format)
+        sequential_format=mt.sequential_format, processes=processes)
     for task, reason in stats["dropped_tasks"].items():
         print(f"align multitask: task {task} dropped: {reason}")
     return examples, stats

@@ -244,6 +244,7 @@ class AlignConfig:
     verify_warmup: bool = True
     validation_users: int | None = 1000
     validation_beam: int = 20
+    build_processes: int | None = None
     warmup: WarmupSettings = field(default_factory=WarmupSettings)
     multitask: MultitaskSettings = field(default_factory=MultitaskSettings)
 
@@ -252,6 +253,8 @@ class AlignConfig:
         require(self.validation_users is None or self.validation_users >= 1, "align.validation_users",
                 "must be >= 1 or null (all)")
         require(self.validation_beam >= 10, "align.validation_beam", "must be >= 10 (Recall@10 needs 10 items)")
+        require(self.build_processes is None or self.build_processes >= 1, "align.build_processes",
+                f"must be an int >= 1 (1 = serial) or null (min(4, CPU count)), got {self.build_processes!r}")
 
 
 def align_config(cfg) -> AlignConfig:

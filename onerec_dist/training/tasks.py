@@ -48,6 +48,7 @@ from onerec_dist.data.types import DropReport, Examples, InteractionData
 from onerec_dist.prompts import end_of_turn_ids, next_item_question, render_prompt
 from onerec_dist.sid.tokens import ItemTokenizer
 from onerec_dist.training.batching import IGNORE_INDEX
+from onerec_dist.training.tasks_parallel import MIN_PARALLEL_ROWS, build_in_chunks, merge_report
 from onerec_dist.training.tasks_text import (
     PERSONA_HEADER,
     PERSONA_ITEM_PREFIX,
@@ -150,35 +151,46 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def persona_grounding(data: InteractionData, train: Examples, item_codes: np.ndarray, tokenizer, *,
-                      max_length: int, max_items: int | None = None,
-                      report: DropReport | None = None) -> list[AlignmentExample]:
+                      max_length: int, max_items: int | None = None, report: DropReport | None = None,
+                      processes: int | None = None,
+                      min_parallel_rows: int = MIN_PARALLEL_ROWS) -> list[AlignmentExample]:
     """One interleaved persona text per user with training examples (see the module docstring). Loss on all tokens.
 
     The text is header + one line per item ("- <ID> title (categories)") + the interest summary + eos. Pieces are
     tokenised separately and concatenated, so a line's length does not depend on its neighbours and dropping the
     oldest lines to fit ``max_length`` is exact. A user whose header + newest item + summary does not fit is
-    skipped and counted.
+    skipped and counted. ``processes`` > 1: users in chunks in a process pool, same result (tasks_parallel).
     """
     report = report if report is not None else DropReport()
-    catalogue = data.catalogue
-    ids = item_token_table(tokenizer, item_codes, len(catalogue))
-    _check_item_indices(train, len(catalogue))
+    ids = item_token_table(tokenizer, item_codes, len(data.catalogue))
+    _check_item_indices(train, len(data.catalogue))
     user_items = training_items(train)
     if max_items is not None:
         user_items = {u: items[-max_items:] for u, items in user_items.items()}
-    used = sorted({i for items in user_items.values() for i in items})
-    suffixes = dict(zip(used, _encode(tokenizer, [persona_item_suffix(catalogue, i) for i in used])))
-    summaries = {u: data.personas.get(u) or derive_interest_summary(catalogue, items)
-                 for u, items in user_items.items()}
-    users = list(user_items)
-    summary_ids = _encode(tokenizer, [PERSONA_SUMMARY_PREFIX + summaries[u] + "\n" if summaries[u] else ""
-                                      for u in users])
     header, prefix = _encode(tokenizer, [PERSONA_HEADER, PERSONA_ITEM_PREFIX])
-    eos = end_of_turn_ids(tokenizer)
+    context = {"tokenizer": tokenizer, "catalogue": data.catalogue, "personas": data.personas, "ids": ids,
+               "user_items": list(user_items.items()), "header": header, "prefix": prefix,
+               "eos": end_of_turn_ids(tokenizer), "max_length": max_length}
+    examples, chunk_report = build_in_chunks(_persona_rows, context, len(user_items), processes=processes,
+                                             min_parallel_rows=min_parallel_rows, desc=f"align data: {PERSONA}")
+    merge_report(report, chunk_report)
+    return examples
+
+
+def _persona_rows(context: dict, start: int, stop: int) -> tuple[list[AlignmentExample], DropReport]:
+    """Persona examples of users ``start .. stop - 1`` of ``context["user_items"]`` (tasks_parallel.BuildRows)."""
+    report = DropReport()
+    tokenizer, catalogue, ids = context["tokenizer"], context["catalogue"], context["ids"]
+    header, prefix, eos, max_length = context["header"], context["prefix"], context["eos"], context["max_length"]
+    rows = context["user_items"][start:stop]
+    used = sorted({i for _, items in rows for i in items})
+    suffixes = dict(zip(used, _encode(tokenizer, [persona_item_suffix(catalogue, i) for i in used])))
+    summaries = [context["personas"].get(u) or derive_interest_summary(catalogue, items) for u, items in rows]
+    summary_ids = _encode(tokenizer, [PERSONA_SUMMARY_PREFIX + s + "\n" if s else "" for s in summaries])
 
     examples = []
-    for user, summary in zip(users, summary_ids):
-        lines = [prefix + ids[i] + suffixes[i] for i in user_items[user]]
+    for (user, items), summary in zip(rows, summary_ids):
+        lines = [prefix + ids[i] + suffixes[i] for i in items]
         budget = max_length - len(header) - len(summary) - len(eos)
         kept: list[list[int]] = []
         for line in reversed(lines):  # newest first: the oldest items are the ones dropped
@@ -194,7 +206,7 @@ def persona_grounding(data: InteractionData, train: Examples, item_codes: np.nda
             report.add(f"persona text: oldest items dropped to fit max_length={max_length}", f"user {user}")
         body = [token for line in reversed(kept) for token in line]
         examples.append(_lm_example(header + body + summary + eos, PERSONA, f"user {user}"))
-    return examples
+    return examples, report
 
 
 # ---------------------------------------------------------------- 2. sequential preference modelling
@@ -223,20 +235,35 @@ def _fit_history_prompt(tokenizer, codes: np.ndarray, history: list[int], budget
 
 
 def sequential_preference(data: InteractionData, train: Examples, item_codes: np.ndarray, tokenizer, *,
-                          max_length: int, max_history: int | None = None,
-                          report: DropReport | None = None) -> list[AlignmentExample]:
+                          max_length: int, max_history: int | None = None, report: DropReport | None = None,
+                          processes: int | None = None,
+                          min_parallel_rows: int = MIN_PARALLEL_ROWS) -> list[AlignmentExample]:
     """One example per training example: its last ``max_history`` history items -> its target. Loss on the answer.
 
     Histories that do not fit ``max_length`` with the answer are truncated from the left (counted); the answer is
     never cut. Raises ValueError when ``max_length`` cannot hold one history item plus the answer.
+    ``processes`` > 1: training examples in chunks in a process pool, same result (tasks_parallel).
     """
     report = report if report is not None else DropReport()
     codes = np.asarray(item_codes)
     ids = item_token_table(tokenizer, codes, len(data.catalogue))
     _check_item_indices(train, len(data.catalogue))
-    eos = end_of_turn_ids(tokenizer)
+    context = {"tokenizer": tokenizer, "codes": codes, "ids": ids, "train": train, "eos": end_of_turn_ids(tokenizer),
+               "max_length": max_length, "max_history": max_history}
+    examples, chunk_report = build_in_chunks(_sequential_rows, context, len(train), processes=processes,
+                                             min_parallel_rows=min_parallel_rows, desc=f"align data: {SEQUENTIAL}")
+    merge_report(report, chunk_report)
+    return examples
+
+
+def _sequential_rows(context: dict, start: int, stop: int) -> tuple[list[AlignmentExample], DropReport]:
+    """Window examples of training examples ``start .. stop - 1`` (tasks_parallel.BuildRows)."""
+    report = DropReport()
+    tokenizer, codes, ids, train, eos = (context[k] for k in ("tokenizer", "codes", "ids", "train", "eos"))
+    max_length, max_history = context["max_length"], context["max_history"]
     examples = []
-    for i, (user, history, target) in enumerate(zip(train.users, train.histories, train.targets)):
+    for i in range(start, stop):
+        user, history, target = train.users[i], train.histories[i], train.targets[i]
         source = f"train[{i}] user {user}"
         if not history:
             report.add("training example with an empty history (skipped)", source)
@@ -250,21 +277,23 @@ def sequential_preference(data: InteractionData, train: Examples, item_codes: np
         if kept < len(history):
             report.add(f"history truncated from the left to fit max_length={max_length}", source)
         examples.append(_prompt_answer_example(prompt, answer, SEQUENTIAL, source))
-    return examples
+    return examples, report
 
 
 # ---------------------------------------------------------------- 3. itemic dense captioning
 
 
 def itemic_captioning(data: InteractionData, train: Examples, item_codes: np.ndarray, tokenizer, *,
-                      max_length: int, max_description_tokens: int = 64,
-                      report: DropReport | None = None) -> list[AlignmentExample]:
+                      max_length: int, max_description_tokens: int = 64, report: DropReport | None = None,
+                      processes: int | None = None,
+                      min_parallel_rows: int = MIN_PARALLEL_ROWS) -> list[AlignmentExample]:
     """One example per catalogue item with text: its ID -> title + newline + the first ``max_description_tokens``
     description tokens + eos. Loss on the answer.
 
     ``train`` is unused (captions describe items, not users; the signature matches the other builders). Items
     without title and description are skipped and counted; descriptions cut to fit are counted; an item whose
-    prompt + title does not fit ``max_length`` is skipped and counted.
+    prompt + title does not fit ``max_length`` is skipped and counted. ``processes`` > 1: items in chunks in a
+    process pool, same result (tasks_parallel).
     """
     if max_description_tokens < 0:
         raise ValueError(f"max_description_tokens must be >= 0, got {max_description_tokens}")
@@ -272,7 +301,6 @@ def itemic_captioning(data: InteractionData, train: Examples, item_codes: np.nda
     catalogue = data.catalogue
     codes = np.asarray(item_codes)
     item_token_table(tokenizer, codes, len(catalogue))  # checks the codes against the tokenizer's item tokens
-    eos = end_of_turn_ids(tokenizer)
     titles = [t.strip() for t in catalogue.titles]
     descriptions = [d.strip() for d in catalogue.descriptions]
     items = [i for i in range(len(catalogue)) if titles[i] or descriptions[i]]
@@ -280,13 +308,28 @@ def itemic_captioning(data: InteractionData, train: Examples, item_codes: np.nda
         first = next(i for i in range(len(catalogue)) if not (titles[i] or descriptions[i]))
         report.add("item without title or description (no caption)", f"item {catalogue.item_ids[first]}",
                    count=len(catalogue) - len(items))
+    context = {"tokenizer": tokenizer, "codes": codes, "items": items, "item_ids": catalogue.item_ids,
+               "titles": titles, "descriptions": descriptions, "eos": end_of_turn_ids(tokenizer),
+               "max_length": max_length, "max_description_tokens": max_description_tokens}
+    examples, chunk_report = build_in_chunks(_caption_rows, context, len(items), processes=processes,
+                                             min_parallel_rows=min_parallel_rows, desc=f"align data: {CAPTIONING}")
+    merge_report(report, chunk_report)
+    return examples
+
+
+def _caption_rows(context: dict, start: int, stop: int) -> tuple[list[AlignmentExample], DropReport]:
+    """Caption examples of items ``start .. stop - 1`` of ``context["items"]`` (tasks_parallel.BuildRows)."""
+    report = DropReport()
+    tokenizer, codes, titles, descriptions = (context[k] for k in ("tokenizer", "codes", "titles", "descriptions"))
+    eos, max_length, max_description_tokens = context["eos"], context["max_length"], context["max_description_tokens"]
+    items = context["items"][start:stop]
     # The description follows the title on a new line; a description-only item starts with it.
     title_ids = _encode(tokenizer, [titles[i] for i in items])
     description_ids = _encode(tokenizer, [("\n" if titles[i] else "") + descriptions[i] if descriptions[i] else ""
                                           for i in items])
     examples = []
     for item, title, description in zip(items, title_ids, description_ids):
-        source = f"item {catalogue.item_ids[item]}"
+        source = f"item {context['item_ids'][item]}"
         prompt = render_prompt(tokenizer, caption_question(codes[item].tolist()))
         room = max_length - len(prompt) - len(title) - len(eos)  # tokens left for the description
         if room < 0 or (not title and room == 0):
@@ -302,7 +345,7 @@ def itemic_captioning(data: InteractionData, train: Examples, item_codes: np.nda
             report.add("caption empty after cutting the description (item skipped)", source)
             continue
         examples.append(_prompt_answer_example(prompt, title + description + eos, CAPTIONING, source))
-    return examples
+    return examples, report
 
 
 # ---------------------------------------------------------------- 4. general language modelling
@@ -393,20 +436,23 @@ def cycle_sample(pool_size: int, count: int, rng: np.random.Generator) -> np.nda
 
 def _build_pool(task: str, data: InteractionData, train: Examples, item_codes: np.ndarray, tokenizer,
                 max_length: int, options: dict, report: DropReport) -> list[AlignmentExample]:
+    # Per-row tasks build their rows in chunks in a process pool when asked (tasks_parallel); same pool either way.
+    parallel = {"processes": options["processes"], "min_parallel_rows": options["min_parallel_rows"]}
     if task == PERSONA:
         return persona_grounding(data, train, item_codes, tokenizer, max_length=max_length,
-                                 max_items=options["max_persona_items"], report=report)
+                                 max_items=options["max_persona_items"], report=report, **parallel)
     if task == SEQUENTIAL and options["sequential_format"] == "whole_sequence":  # training/tasks_sequence.py
         from onerec_dist.training.tasks_sequence import whole_sequence_preference
 
         return whole_sequence_preference(data, train, item_codes, tokenizer, max_length=max_length,
-                                         max_history=options["max_history"], report=report)
+                                         max_history=options["max_history"], report=report, **parallel)
     if task == SEQUENTIAL:
         return sequential_preference(data, train, item_codes, tokenizer, max_length=max_length,
-                                     max_history=options["max_history"], report=report)
+                                     max_history=options["max_history"], report=report, **parallel)
     if task == CAPTIONING:
         return itemic_captioning(data, train, item_codes, tokenizer, max_length=max_length,
-                                 max_description_tokens=options["max_description_tokens"], report=report)
+                                 max_description_tokens=options["max_description_tokens"], report=report,
+                                 **parallel)
     return general_text(tokenizer, max_length=max_length, path=options["general_text_path"], report=report)
 
 
@@ -439,7 +485,8 @@ def build_alignment_mixture(data: InteractionData, train_examples: Examples, ite
                             tasks: Sequence[str] | None = None, *, max_history: int | None = None,
                             max_persona_items: int | None = None, max_description_tokens: int = 64,
                             explicit_ratios: Collection[str] | None = None,
-                            sequential_format: str = "window") -> tuple[list[AlignmentExample], dict]:
+                            sequential_format: str = "window", processes: int | None = None,
+                            min_parallel_rows: int = MIN_PARALLEL_ROWS) -> tuple[list[AlignmentExample], dict]:
     """The stage-2 Itemic Alignment mixture (module docstring) and its stats.
 
     ``num_examples`` None = the smallest total at which every task's pool appears at least once
@@ -449,6 +496,9 @@ def build_alignment_mixture(data: InteractionData, train_examples: Examples, ite
     on every item; onerec_dist/training/tasks_sequence.py).
     ``explicit_ratios``: the tasks whose ratio the user chose (None = every task ``ratios`` names; with ``ratios``
     None, none); on a catalogue without item text the other text tasks are dropped (``drop_text_tasks``).
+    ``processes``: None / 1 = build every pool in this process; > 1 = the per-row tasks (persona, sequential,
+    captioning) build inputs of at least ``min_parallel_rows`` rows in chunks in that many processes
+    (onerec_dist/training/tasks_parallel.py). The result (examples, order, stats) does not depend on either.
 
     Stats: per task ratio, pool size, count, distinct examples, tokens, loss tokens, longest example and every
     skip / truncation with its reason; totals; ratios ignored because their task was not selected.
@@ -465,7 +515,11 @@ def build_alignment_mixture(data: InteractionData, train_examples: Examples, ite
         raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
     if sequential_format not in ("window", "whole_sequence"):
         raise ValueError(f"sequential_format={sequential_format!r}; allowed: 'window', 'whole_sequence'")
-    options = {"max_history": max_history, "max_persona_items": max_persona_items,
+    for name, value in (("processes", 1 if processes is None else processes),
+                        ("min_parallel_rows", min_parallel_rows)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    options = {"processes": processes, "min_parallel_rows": min_parallel_rows, "max_history": max_history, "max_persona_items": max_persona_items,
                "sequential_format": sequential_format,
                "max_description_tokens": max_description_tokens, "general_text_path": general_text_path}
     active = {t: p for t, p in probabilities.items() if p > 0}
@@ -504,9 +558,11 @@ def build_alignment_mixture(data: InteractionData, train_examples: Examples, ite
 
 def warmup_examples(data: InteractionData, train_examples: Examples, item_codes: np.ndarray, tokenizer,
                     num_examples: int | None = None, max_length: int = 1024, seed: int = 0, *,
-                    max_persona_items: int | None = None) -> tuple[list[AlignmentExample], dict]:
+                    max_persona_items: int | None = None, processes: int | None = None,
+                    min_parallel_rows: int = MIN_PARALLEL_ROWS) -> tuple[list[AlignmentExample], dict]:
     """Stage-1 (token warm-up) data: interleaved persona grounding only (OneRec-Think Sec. 3.2: the warm-up trains
     only the new itemic-token embeddings on interleaved persona text). Same return as build_alignment_mixture."""
     return build_alignment_mixture(data, train_examples, item_codes, tokenizer, ratios={PERSONA: 1.0},
                                    num_examples=num_examples, max_length=max_length, seed=seed, tasks=[PERSONA],
-                                   max_persona_items=max_persona_items)
+                                   max_persona_items=max_persona_items, processes=processes,
+                                   min_parallel_rows=min_parallel_rows)

@@ -73,40 +73,54 @@ def whole_sequence_example(tokenizer, codes: np.ndarray, ids: list[list[int]], i
 
 
 def whole_sequence_preference(data: InteractionData, train: Examples, item_codes: np.ndarray, tokenizer, *,
-                              max_length: int, max_history: int | None = None,
-                              report: DropReport | None = None) -> list:
-    """Whole-sequence examples of every user with at least one training target (module docstring)."""
-    from onerec_dist.training.tasks import (
-        SEQUENTIAL,
-        _check_item_indices,
-        _fit_history_prompt,
-        item_token_table,
-        training_items,
-    )
+                              max_length: int, max_history: int | None = None, report: DropReport | None = None,
+                              processes: int | None = None, min_parallel_rows: int | None = None) -> list:
+    """Whole-sequence examples of every user with at least one training target (module docstring).
+    ``processes`` > 1: users in chunks in a process pool, same result (onerec_dist/training/tasks_parallel.py)."""
+    from onerec_dist.training.tasks import _check_item_indices, item_token_table, training_items
+    from onerec_dist.training.tasks_parallel import MIN_PARALLEL_ROWS, build_in_chunks, merge_report
 
     report = report if report is not None else DropReport()
     codes = np.asarray(item_codes)
     ids = item_token_table(tokenizer, codes, len(data.catalogue))
     _check_item_indices(train, len(data.catalogue))
-    eos = end_of_turn_ids(tokenizer)
+    sequences = list(training_items(train).items())
+    context = {"tokenizer": tokenizer, "codes": codes, "ids": ids, "sequences": sequences,
+               "eos": end_of_turn_ids(tokenizer), "max_length": max_length, "max_history": max_history}
+    examples, chunk_report = build_in_chunks(
+        _whole_sequence_rows, context, len(sequences), processes=processes,
+        min_parallel_rows=MIN_PARALLEL_ROWS if min_parallel_rows is None else min_parallel_rows,
+        desc="align data: sequential_preference (whole_sequence)")
+    merge_report(report, chunk_report)
+    return examples
+
+
+def _whole_sequence_rows(context: dict, start: int, stop: int) -> tuple[list, DropReport]:
+    """Whole-sequence examples of users ``start .. stop - 1`` of ``context["sequences"]``
+    (tasks_parallel.BuildRows)."""
+    from onerec_dist.training.tasks import SEQUENTIAL, _fit_history_prompt
+
+    report = DropReport()
+    tokenizer, codes, ids, eos = (context[k] for k in ("tokenizer", "codes", "ids", "eos"))
+    max_length, max_history = context["max_length"], context["max_history"]
     examples = []
-    for user, sequence in training_items(train).items():
+    for user, sequence in context["sequences"][start:stop]:
         end, windows = len(sequence) - 1, []  # ``end``: index of this window's answer item
         while end >= 1:
             answer_len = len(ids[sequence[end]]) + len(eos)
-            context = sequence[max(0, end - max_history) if max_history else 0:end]
-            _, kept = _fit_history_prompt(tokenizer, codes, context, max_length - answer_len)
+            context_items = sequence[max(0, end - max_history) if max_history else 0:end]
+            _, kept = _fit_history_prompt(tokenizer, codes, context_items, max_length - answer_len)
             if kept == 0:
                 raise ValueError(f"{SEQUENTIAL}: max_length={max_length} cannot hold a prompt with one history item "
                                  f"plus the {answer_len}-token answer (user {user}); raise max_length")
-            start = end - kept
-            # Window items sequence[start .. end]; position 0 is context only (its own target, if any, is the
+            start_item = end - kept
+            # Window items sequence[start_item .. end]; position 0 is context only (its own target, if any, is the
             # answer of the next window), positions 1 .. kept are targets.
-            windows.append(whole_sequence_example(tokenizer, codes, ids, sequence[start:end + 1], 1, eos,
-                                                  f"user {user} items {start}..{end}"))
-            end = start
+            windows.append(whole_sequence_example(tokenizer, codes, ids, sequence[start_item:end + 1], 1, eos,
+                                                  f"user {user} items {start_item}..{end}"))
+            end = start_item
         if len(windows) > 1:
             report.add(f"user sequence cut into windows of max_length={max_length} tokens / max_history items",
                        f"user {user}", count=len(windows) - 1)
         examples.extend(reversed(windows))
-    return examples
+    return examples, report
