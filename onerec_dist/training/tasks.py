@@ -32,6 +32,11 @@ without any item text (ID-only, e.g. Beauty) has no caption: a text task whose r
 
 Every example is at most ``max_length`` tokens: sequential histories are truncated from the left (the answer is never
 cut), persona texts drop their oldest items, captions cut the description, general text is chunked.
+
+Building in parallel (``processes`` > 1, ``align.build_processes``): the per-row tasks (persona per user, sequential
+per training example or user, captioning per item) build contiguous chunks of their rows in a process pool and
+concatenate them in row order (``tasks_parallel.build_in_chunks``), so every pool, hence the mixture and its stats,
+is the serial one whatever the process or chunk count.
 """
 
 from __future__ import annotations

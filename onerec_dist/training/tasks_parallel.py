@@ -13,15 +13,17 @@ change any text's ids).
 
 Processes: ``fork`` when the platform has it and this process runs no other Python thread (a Ray driver's, a
 watcher's), else ``spawn``. Fork copies the context for free; spawn pickles it once per worker (``initargs``) and
-re-imports the package (~2-4 s per worker on a small CPU; measured in the issue #9 report). The children never touch
-torch (the item-token table is computed by the driver). Small inputs stay serial: starting the pool costs more than
-the rows (``min_parallel_rows``). A bar (``onerec_dist.progress.Progress``) counts finished chunks.
+re-imports the package: measured on 6k sequential rows (2 workers, a 2-core CPU), the workers spent 4.0 s of CPU
+forked and 12.6 s spawned (~4 s per worker of imports and unpickling). The children never touch torch (the
+item-token table is computed by the driver). Small inputs stay serial: starting the pool costs more than the rows
+(``min_parallel_rows``). A bar (``onerec_dist.progress.Progress``) counts finished chunks.
 
 Pure: stdlib / numpy only (tokenizer calls happen in the builders).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import threading
@@ -119,14 +121,19 @@ def build_in_chunks(build_rows: BuildRows, context: Any, num_rows: int, *, proce
     bounds = chunk_bounds(num_rows, processes * CHUNKS_PER_PROCESS)
     method = method or start_method()
     workers = min(processes, len(bounds))
-    with _quiet_forked_tokenizers(method), \
-            ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_set_context,
-                                initargs=(context,)) as pool:
-        futures: list[Future] = [pool.submit(_run_chunk, build_rows, start, stop) for start, stop in bounds]
-        # the bar after the submits: tqdm's monitor thread must not exist while the workers fork
-        with Progress(len(bounds), desc, unit="chunk") as bar:
-            for future in as_completed(futures):
-                bar.update(1, rows=sum(stop - start for f, (start, stop) in zip(futures, bounds) if f.done()))
+    if method == "fork":
+        gc.freeze()  # the children's collector would otherwise touch (and so copy) every page of the driver's heap
+    try:
+        with _quiet_forked_tokenizers(method), \
+                ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                                    initializer=_set_context, initargs=(context,)) as pool:
+            futures: list[Future] = [pool.submit(_run_chunk, build_rows, start, stop) for start, stop in bounds]
+            # the bar after the submits: tqdm's monitor thread must not exist while the workers fork
+            with Progress(len(bounds), desc, unit="chunk") as bar:
+                for future in as_completed(futures):
+                    bar.update(1, rows=sum(b - a for f, (a, b) in zip(futures, bounds) if f.done()))
+    finally:
+        gc.unfreeze()
     examples: list = []
     report = DropReport()
     for future in futures:  # row order; .result() raises the earliest chunk's error
