@@ -524,7 +524,8 @@ def build_alignment_mixture(data: InteractionData, train_examples: Examples, ite
                         ("min_parallel_rows", min_parallel_rows)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    options = {"processes": processes, "min_parallel_rows": min_parallel_rows, "max_history": max_history, "max_persona_items": max_persona_items,
+    options = {"processes": processes, "min_parallel_rows": min_parallel_rows,
+               "max_history": max_history, "max_persona_items": max_persona_items,
                "sequential_format": sequential_format,
                "max_description_tokens": max_description_tokens, "general_text_path": general_text_path}
     active = {t: p for t, p in probabilities.items() if p > 0}
