@@ -7,7 +7,6 @@ instead of running. Stage modules are imported lazily so that `onerec --help` st
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

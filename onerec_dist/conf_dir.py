@@ -4,12 +4,11 @@ The repository keeps its configs in the top-level ``conf/`` folder; a wheel ship
 ``onerec_conf`` (pyproject.toml maps conf/ to it, as kernels/ installs as onerec_kernels). Lookup order:
   1. ``$ONEREC_CONF_DIR`` (a directory of your own, laid out like conf/);
   2. ``conf/`` beside the ``onerec_dist`` package being run (a checkout, or the working_dir Ray Jobs uploaded);
-  3. the installed ``onerec_conf`` package, found through importlib.resources.
+  3. the installed ``onerec_conf`` package, found through its import spec.
 """
 
 from __future__ import annotations
 
-import importlib.resources
 import importlib.util
 import os
 from pathlib import Path
@@ -21,12 +20,16 @@ SOURCE_TREE_CONF = Path(__file__).resolve().parents[1] / "conf"
 
 def installed_conf_dir() -> Path | None:
     """The directory of the installed ``onerec_conf`` package data, or None when it is not installed."""
-    if importlib.util.find_spec(PACKAGE) is None:
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None:
         return None
-    # conf/ has no __init__.py, so onerec_conf is a namespace package: files() gives a MultiplexedPath, whose
-    # existing children are plain paths. Hydra needs a real directory (a wheel installs its files on disk).
-    marker = importlib.resources.files(PACKAGE) / "config.yaml"
-    return marker.parent if isinstance(marker, Path) and marker.is_file() else None
+    # conf/ has no __init__.py, so onerec_conf is a namespace package. Its search locations may include entries
+    # that are not directories (an editable install adds a path-hook marker), which importlib.resources.files()
+    # refuses; Hydra needs a real directory anyway, so take the first location that holds config.yaml.
+    for location in spec.submodule_search_locations or ():
+        if (Path(location) / "config.yaml").is_file():
+            return Path(location)
+    return None
 
 
 def find_conf_dir(environ: dict[str, str] | None = None) -> Path:

@@ -21,3 +21,32 @@ def shared_dataset(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"shared dataset {path} is absent (set ONEREC_SHARED_DATA or check out ../shared)")
     return path
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    """A local Ray with 2 CPUs for one test module's multi-process runs (Ray Train workers, Ray tasks), stopped at
+    the module's end: modules that start their own head (`ray start`) run with no other Ray on the machine.
+
+    Workers inherit the raylet's environment, hence set here: tests/ on PYTHONPATH (they unpickle jobs defined in
+    test modules), one OpenMP thread each (2 cores), a fast worker health check, wandb kept out of ~/.cache."""
+    import shutil
+
+    ray = pytest.importorskip("ray")
+    tests_dir = str(Path(__file__).resolve().parent)
+    wandb_home = tmp_path_factory.mktemp("wandb_home")
+    temp_dir = f"/tmp/ray_t{os.getpid()}"  # short: Unix socket paths must stay under 107 bytes
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+            mp.setenv(var, str(wandb_home))
+        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
+        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+        mp.setenv("OMP_NUM_THREADS", "1")
+        if ray.is_initialized():  # a test that used Ray without this fixture may have left its driver connected
+            ray.shutdown()
+        ray.init(num_cpus=2, _temp_dir=temp_dir)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)

@@ -151,28 +151,8 @@ EVAL = ["eval.beam_width=10", "eval.top_k=10", "eval.ks=[1,5,10]", "eval.ndcg_ks
         "eval.max_users=16", "ablation.num_resamples=200"]
 
 
-@pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
-    """One Ray for the module's two trainings (a loaded machine may be slow to start one)."""
-    import os
-    import shutil
-
-    ray = pytest.importorskip("ray")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")
-        temp = f"/tmp/ray_abl{os.getpid()}"
-        if ray.is_initialized():  # an earlier test of the session may have left its driver connected
-            ray.shutdown()
-        ray.init(num_cpus=2, _temp_dir=temp)
-        try:
-            yield
-        finally:
-            ray.shutdown()
-            shutil.rmtree(temp, ignore_errors=True)
-
-
 @pytest.mark.slow
-def test_rows_base_ia_and_popular_make_the_table(ray_session, tmp_path):
+def test_rows_base_ia_and_popular_make_the_table(ray_local, tmp_path):
     from onerec_dist.cli import main
     from onerec_dist.metrics import recall_at_k
 

@@ -6,7 +6,6 @@ these tests run the real recipe end to end through the CLI on 2 gloo workers und
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -20,26 +19,6 @@ TINY = ["data.synthetic.num_users=60", "data.synthetic.num_items=40", "sid.codeb
         "trainer.log_every=2", "align.max_length=256"]
 
 
-@pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    home = tmp_path_factory.mktemp("wandb_home")
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-            mp.setenv(var, str(home))
-        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-        mp.setenv("OMP_NUM_THREADS", "1")
-        temp = f"/tmp/ray_a{os.getpid()}"
-        if ray.is_initialized():  # an earlier test of the session may have left its driver connected
-            ray.shutdown()
-        ray.init(num_cpus=2, _temp_dir=temp)
-        try:
-            yield
-        finally:
-            ray.shutdown()
-            shutil.rmtree(temp, ignore_errors=True)
-
-
 def state(path):
     from transformers import AutoModelForCausalLM
 
@@ -47,7 +26,7 @@ def state(path):
 
 
 @pytest.fixture(scope="module")
-def aligned(ray_session, tmp_path_factory):
+def aligned(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("align")
     # A relative output_dir, as users type it: Ray workers run in another working directory and must still find
     # the stage's files.

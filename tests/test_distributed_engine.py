@@ -375,28 +375,6 @@ def test_a_producer_step_source_drives_the_training_loop(tmp_path, monkeypatch):
 
 
 # ---- multi-process ---------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    tests_dir = str(Path(__file__).resolve().parent)
-    wandb_home = tmp_path_factory.mktemp("wandb_home")
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):  # keep wandb out of ~/.cache
-            mp.setenv(var, str(wandb_home))
-        # Workers unpickle ToyJob from this module: put tests/ on their path (they inherit the raylet's env).
-        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
-        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-        mp.setenv("OMP_NUM_THREADS", "1")
-        if ray.is_initialized():  # an earlier test of the session may have left its driver connected
-            ray.shutdown()
-        ray.init(num_cpus=WORKERS, _temp_dir=f"/tmp/ray_t{os.getpid()}")
-        try:
-            yield
-        finally:
-            ray.shutdown()
-            shutil.rmtree(f"/tmp/ray_t{os.getpid()}", ignore_errors=True)
-
-
 RUNS = {  # name: (job, trainer overrides, deepspeed overrides)
     "zero0": (ToyJob(), {}, {"zero_stage": 0}),
     "zero2": (ToyJob(), {}, {"zero_stage": 2}),
@@ -413,7 +391,7 @@ RUNS = {  # name: (job, trainer overrides, deepspeed overrides)
 
 
 @pytest.fixture(scope="module")
-def runs(ray_session, tmp_path_factory):
+def runs(ray_local, tmp_path_factory):
     from onerec_dist.distributed.ray_job import run_sequence
 
     from onerec_dist.training.shards import write_examples
@@ -523,7 +501,7 @@ def test_token_budget_run_counts_the_planned_tokens(runs):
 
 
 @pytest.mark.slow
-def test_run_training_survives_a_worker_failure(ray_session, runs, tmp_path):
+def test_run_training_survives_a_worker_failure(ray_local, runs, tmp_path):
     # run_training end to end: Ray checkpoints every 3 steps; rank 0 dies at step 5; Ray restarts the worker group,
     # which resumes from get_checkpoint() (step 3); the losses equal the uninterrupted run's. wandb logs offline.
     from onerec_dist.distributed.ray_job import run_training
@@ -545,7 +523,7 @@ def test_run_training_survives_a_worker_failure(ray_session, runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_run_training_resource_errors(ray_session, tmp_path):
+def test_run_training_resource_errors(ray_local, tmp_path):
     # (f) the shared local cluster has 2 CPUs and no GPU: clear errors before any worker starts.
     from onerec_dist.distributed.ray_job import run_training
 

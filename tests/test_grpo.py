@@ -12,7 +12,6 @@ import contextlib
 import copy
 import itertools
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -312,12 +311,9 @@ def test_summary_fields():
 
 # ---------------------------------------------------------------------------------------------- 2 workers, ZeRO-2
 @pytest.mark.slow
-def test_two_worker_zero2_run_writes_the_summary(tmp_path):
+def test_two_worker_zero2_run_writes_the_summary(ray_local, tmp_path):
     """The whole loop (rl_worker.rl_loop) on 2 gloo workers under Ray with DeepSpeed ZeRO-2: 2 steps, held-out
     users before / after, a checkpoint, the export."""
-    import os
-
-    ray = pytest.importorskip("ray")
     from onerec_dist.distributed.rl_worker import PHASES, rl_loop
     from onerec_dist.distributed.worker_group import run_on_workers
     from onerec_dist.training.config import DeepSpeedConfig, TrainerConfig
@@ -332,18 +328,7 @@ def test_two_worker_zero2_run_writes_the_summary(tmp_path):
     trainer = TrainerConfig(num_workers=2, max_steps=2, micro_batch_size=4, lr=1e-3, lr_schedule="constant",
                             precision="fp32", weight_decay=0.0, checkpoint_every=0, resume="never",
                             wandb={"mode": "disabled"})
-    temp_dir = f"/tmp/ray_g{os.getpid()}"  # short: Unix socket paths < 107 bytes
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")
-        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-        if ray.is_initialized():  # an earlier test of the session may have left its driver connected
-            ray.shutdown()
-        ray.init(num_cpus=2, _temp_dir=temp_dir)
-        try:
-            results = run_on_workers(rl_loop, config, trainer, DeepSpeedConfig(zero_stage=2), tmp_path / "run")
-        finally:
-            ray.shutdown()
-            shutil.rmtree(temp_dir, ignore_errors=True)
+    results = run_on_workers(rl_loop, config, trainer, DeepSpeedConfig(zero_stage=2), tmp_path / "run")
     summary = results[0]
     assert results[1] is None and summary["world_size"] == 2 and summary["steps"] == 2
     assert len(summary["rewards"]) == 2 and all(0.0 <= r <= 1.0 for r in summary["rewards"])

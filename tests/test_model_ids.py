@@ -2,8 +2,6 @@
 against it, and a run that trained a model evaluates it with the same IDs."""
 
 import json
-import os
-import shutil
 
 import numpy as np
 import pytest
@@ -147,18 +145,9 @@ TINY = ["data.synthetic.num_users=40", "data.synthetic.num_items=30", "trainer.n
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
-    ray = pytest.importorskip("ray")
+def pipeline_run(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("pipe")
-    temp = f"/tmp/ray_m{os.getpid()}"
-    if ray.is_initialized():  # an earlier test of the session may have left its driver connected
-        ray.shutdown()
-    ray.init(num_cpus=2, _temp_dir=temp)
-    try:
-        assert main(["pipeline", f"output_dir={out}", "pipeline.stages=[sid,align_warmup,eval]", *TINY, *SID]) == 0
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
+    assert main(["pipeline", f"output_dir={out}", "pipeline.stages=[sid,align_warmup,eval]", *TINY, *SID]) == 0
     return out, json.loads((out / "summary.json").read_text())
 
 

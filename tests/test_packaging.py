@@ -72,6 +72,24 @@ def test_installed_conf_dir_reads_a_namespace_package(tmp_path, monkeypatch):
     assert conf_dir.installed_conf_dir() == tmp_path / "onerec_conf"
 
 
+def test_installed_conf_dir_skips_search_locations_that_are_not_directories(tmp_path, monkeypatch):
+    """An editable install puts a path-hook marker (not a directory) among the namespace package's locations;
+    importlib.resources.files() raises NotADirectoryError on it, the lookup must step over it."""
+    import importlib.machinery
+
+    from onerec_dist import conf_dir
+
+    (tmp_path / "onerec_conf").mkdir()
+    (tmp_path / "onerec_conf" / "config.yaml").write_text("output_dir: x\n")
+    spec = importlib.machinery.ModuleSpec("onerec_conf", None, is_package=True)
+    spec.submodule_search_locations = ["__editable__.onerec_dist-0.1.0.finder.__path_hook__",
+                                       str(tmp_path / "empty"), str(tmp_path / "onerec_conf")]
+    monkeypatch.setattr(conf_dir.importlib.util, "find_spec", lambda name: spec)
+    assert conf_dir.installed_conf_dir() == tmp_path / "onerec_conf"
+    spec.submodule_search_locations = ["__editable__.onerec_dist-0.1.0.finder.__path_hook__"]
+    assert conf_dir.installed_conf_dir() is None
+
+
 def _source_copy(dest: Path) -> Path:
     """The working tree as git sees it (tracked and new, unignored files): a build never writes into the repo."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,

@@ -6,8 +6,6 @@ export is to the stages: a model directory that carries sid_table.json); trainin
 """
 
 import json
-import os
-import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -85,27 +83,7 @@ def test_sft_needs_a_model_and_rationales(tmp_path, aligned):
 
 
 @pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    home = tmp_path_factory.mktemp("wandb_home")
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-            mp.setenv(var, str(home))
-        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-        mp.setenv("OMP_NUM_THREADS", "1")
-        temp = f"/tmp/ray_r{os.getpid()}"
-        if ray.is_initialized():  # an earlier test of the session may have left its driver connected
-            ray.shutdown()
-        ray.init(num_cpus=2, _temp_dir=temp)
-        try:
-            yield
-        finally:
-            ray.shutdown()
-            shutil.rmtree(temp, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def trained(ray_session, bootstrapped, aligned):
+def trained(ray_local, bootstrapped, aligned):
     out, boot = bootstrapped
     assert main(["reason", "stage=sft", f"output_dir={out}", f"model.name_or_path={aligned}", *DATA, *ENGINE,
                  "reasoning.sft.nothink_ratio=0.5"]) == 0

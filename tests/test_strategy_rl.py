@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -290,27 +287,7 @@ def rl_seams_worker(strategy, config) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    tests_dir = str(Path(__file__).resolve().parent)
-    temp_dir = f"/tmp/ray_s{os.getpid()}"  # short: Unix socket paths < 107 bytes
-    with pytest.MonkeyPatch.context() as mp:
-        # Workers unpickle rl_seams_worker from this module: put tests/ on their path.
-        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
-        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-        mp.setenv("OMP_NUM_THREADS", "1")
-        if ray.is_initialized():  # an earlier test of the session may have left its driver connected
-            ray.shutdown()
-        ray.init(num_cpus=2, _temp_dir=temp_dir)
-        try:
-            yield
-        finally:
-            ray.shutdown()
-            shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def worker_results(ray_session, tmp_path_factory):
+def worker_results(ray_local, tmp_path_factory):
     from onerec_dist.distributed.worker_group import run_on_workers
 
     root = tmp_path_factory.mktemp("rl_seams")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from test_distributed_engine import ToyJob, ray_session, trainer  # noqa: F401  (ray_session is a fixture)
+from test_distributed_engine import ToyJob, trainer
 
 from onerec_dist.training.batching import DistributedBatchSampler, SamplerStepSource
 from onerec_dist.training.config import DeepSpeedConfig, TrainerConfig
@@ -78,7 +78,7 @@ class ScoredToyJob(ToyJob):
         return {"recall@10": dict(self.scores)[step], "weight_sum": weight_sum, "users": 1.0}
 
 
-def test_loop_validates_keeps_best_and_stops_early(ray_session, tmp_path):  # noqa: F811
+def test_loop_validates_keeps_best_and_stops_early(ray_local, tmp_path):
     # validate_every=2, patience=2: scores .5 (step 2), .9 (4: best), .4 (6), .3 (8) -> two without a new best,
     # stop at step 8 of 12. export/ holds step 4's weights (the fingerprint recorded at step 4, not step 8's).
     from transformers import AutoModelForCausalLM

@@ -34,25 +34,34 @@ def _decode_shard(eval_cfg, model_dir: str, item_codes: np.ndarray, prompts, his
     return {numbers[i]: result for i, result in local.items()}
 
 
-def decode_sharded(eval_cfg, model_dir: str, item_codes, prompts, histories, batches) -> dict:
-    """{batch number: (items, scores)} for every batch, computed on eval_cfg.num_workers Ray workers."""
+def _run_round_robin(eval_cfg, shard_fn, leading_args: tuple, shared_values: tuple, num_batches: int,
+                     desc: str) -> dict:
+    """Deal batch numbers round-robin to eval_cfg.num_workers Ray tasks of ``shard_fn(*leading_args, *shared,
+    numbers)`` (the large inputs go to the object store once) and merge their {batch number: result} dicts, with a
+    progress bar over finished batches."""
     import ray
 
     from onerec_dist.progress import Progress
 
     ensure_ray()
-    remote = ray.remote(num_cpus=1, num_gpus=1 if eval_cfg.use_gpu else 0)(_decode_shard)
-    shared = [ray.put(x) for x in (item_codes, prompts, histories, batches)]
-    numbers = [list(range(w, len(batches), eval_cfg.num_workers)) for w in range(eval_cfg.num_workers)]
-    pending = [remote.remote(eval_cfg, model_dir, *shared, n) for n in numbers if n]
+    remote = ray.remote(num_cpus=1, num_gpus=1 if eval_cfg.use_gpu else 0)(shard_fn)
+    shared = [ray.put(x) for x in shared_values]
+    numbers = [list(range(w, num_batches, eval_cfg.num_workers)) for w in range(eval_cfg.num_workers)]
+    pending = [remote.remote(*leading_args, *shared, n) for n in numbers if n]
     merged: dict = {}
-    with Progress(len(batches), f"eval x{eval_cfg.num_workers} workers", unit="batch") as bar:
+    with Progress(num_batches, desc, unit="batch") as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             part = ray.get(done[0])
             merged.update(part)
             bar.update(len(part))
     return merged
+
+
+def decode_sharded(eval_cfg, model_dir: str, item_codes, prompts, histories, batches) -> dict:
+    """{batch number: (items, scores)} for every batch, computed on eval_cfg.num_workers Ray workers."""
+    return _run_round_robin(eval_cfg, _decode_shard, (eval_cfg, model_dir), (item_codes, prompts, histories, batches),
+                            len(batches), f"eval x{eval_cfg.num_workers} workers")
 
 
 def _think_shard(eval_cfg, mode: str, model_dir: str, item_codes: np.ndarray, histories, targets, batches, numbers):
@@ -77,20 +86,6 @@ def think_sharded(eval_cfg, mode: str, model_dir: str, item_codes, histories, ta
     """{batch number: per-user arrays} of the thinking evaluation (onerec_dist.reasoning.think_eval), batches dealt
     round-robin to eval_cfg.num_workers Ray workers; per-user items and log-likelihoods come back, so the paired
     bootstrap runs on the driver over all users."""
-    import ray
-
-    from onerec_dist.progress import Progress
-
-    ensure_ray()
-    remote = ray.remote(num_cpus=1, num_gpus=1 if eval_cfg.use_gpu else 0)(_think_shard)
-    shared = [ray.put(x) for x in (item_codes, histories, targets, batches)]
-    numbers = [list(range(w, len(batches), eval_cfg.num_workers)) for w in range(eval_cfg.num_workers)]
-    pending = [remote.remote(eval_cfg, mode, model_dir, *shared, n) for n in numbers if n]
-    merged: dict = {}
-    with Progress(len(batches), f"eval ({mode}) x{eval_cfg.num_workers} workers", unit="batch") as bar:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            part = ray.get(done[0])
-            merged.update(part)
-            bar.update(len(part))
-    return merged
+    return _run_round_robin(eval_cfg, _think_shard, (eval_cfg, mode, model_dir),
+                            (item_codes, histories, targets, batches), len(batches),
+                            f"eval ({mode}) x{eval_cfg.num_workers} workers")

@@ -58,7 +58,9 @@ def build_examples(align_cfg: AlignConfig, stage: str, data, train, item_codes, 
     from onerec_dist.training.tasks import DEFAULT_RATIOS, build_alignment_mixture, warmup_examples
 
     # Example building in processes (training/tasks_parallel.py); the examples do not depend on the count.
-    processes = align_cfg.build_processes or min(4, os.cpu_count() or 1)
+    # The default leaves half the cores to the OS and Ray: on 2 cores it is serial (the forked workers cost ~1.5x the
+    # serial CPU, so two of them on two busy cores were slower than one process).
+    processes = align_cfg.build_processes or max(1, min(4, (os.cpu_count() or 1) // 2))
     if stage == "warmup":
         return warmup_examples(data, train, item_codes, tokenizer, num_examples=align_cfg.warmup.num_examples,
                                max_length=align_cfg.max_length, seed=seed,

@@ -254,7 +254,7 @@ class AlignConfig:
                 "must be >= 1 or null (all)")
         require(self.validation_beam >= 10, "align.validation_beam", "must be >= 10 (Recall@10 needs 10 items)")
         require(self.build_processes is None or self.build_processes >= 1, "align.build_processes",
-                f"must be an int >= 1 (1 = serial) or null (min(4, CPU count)), got {self.build_processes!r}")
+                f"must be an int >= 1 (1 = serial) or null (min(4, CPU count / 2)), got {self.build_processes!r}")
 
 
 def align_config(cfg) -> AlignConfig:
