@@ -50,3 +50,18 @@ def ray_local(tmp_path_factory):
         finally:
             ray.shutdown()
             shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def leftover_processes(temp_dir: str) -> list:
+    """Processes whose command line names ``temp_dir``: what a stopped local Ray cluster (ray start --temp-dir)
+    must not leave behind."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in arg for arg in proc.info["cmdline"] or []):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import leftover_processes
 
 from onerec_dist.stages import STAGES
 import yaml
@@ -28,8 +29,6 @@ from onerec_launch.request import LaunchRequest, parse_argv
 from onerec_launch.slurm import check_rendered
 
 REPO = Path(__file__).resolve().parents[1]
-# The stages the end-to-end test runs; pinned so the test stays fast as the pipeline grows (override to widen it).
-PIPELINE_STAGES = os.environ.get("ONEREC_LAUNCH_TEST_STAGES", "[prepare]")
 
 
 def plan_for(argv: list[str], cwd: Path) -> LaunchPlan:
@@ -404,72 +403,6 @@ def test_dry_run_prints_and_writes_nothing(tmp_path, capsys):
 # Ray Jobs end to end (real local clusters)
 # ---------------------------------------------------------------------------------------------------------------
 
-def _leftover_processes(temp_dir: str) -> list:
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_dir in arg for arg in proc.info["cmdline"] or []):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    from onerec_launch.local_cluster import LocalRayCluster
-
-    cluster = LocalRayCluster(temp_dir=f"/tmp/rl_{secrets.token_hex(4)}", num_cpus=2)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
-        leftovers = _leftover_processes(cluster.temp_dir)
-        for proc in leftovers:  # ours (they name our private temp dir); never leave them behind
-            proc.kill()
-        subprocess.run(["rm", "-rf", cluster.temp_dir])
-        assert not leftovers, f"processes survived LocalRayCluster.stop(): {leftovers}"
-
-
-@pytest.mark.slow
-def test_pipeline_through_ray_jobs(ray_cluster, tmp_path):
-    run_dir = tmp_path / "run"
-    argv = ["ray", f"ray.address={ray_cluster.address}", f"working_dir={REPO}", "--", "onerec", "pipeline",
-            f"output_dir={run_dir}", "data.synthetic.num_users=60", f"pipeline.stages={PIPELINE_STAGES}"]
-    result = launch(parse_argv(argv), cwd=tmp_path, out=open(os.devnull, "w"))
-    assert result.status == "SUCCEEDED", result.message
-
-    summary = json.loads((run_dir / "summary.json").read_text())
-    stages = yaml.safe_load(PIPELINE_STAGES)
-    assert summary["stage"] == "pipeline" and summary["stages"] == stages
-    for stage in stages:
-        assert (run_dir / stage / "summary.json").is_file()
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["synthetic"]["num_users"] == 60
-
-    launched = json.loads((run_dir / "launch.json").read_text())
-    assert launched["submission"]["status"] == "SUCCEEDED"
-    assert launched["submission"]["submission_id"] == result.submission_id
-    assert launched["git"]["commit"] != "" and launched["onerec_dist_version"]
-    assert launched["job"]["overrides"][0] == f"output_dir={run_dir}"
-    relaunched = record.parse_relaunch((run_dir / "relaunch.sh").read_text())
-    assert relaunched == parse_argv(argv)
-
-
-@pytest.mark.slow
-def test_ray_jobs_timeout_stops_the_job(ray_cluster, capsys):
-    from onerec_dist.distributed.job_submission import connect, run_job, status
-
-    sid = f"sleeper-{secrets.token_hex(3)}"
-    result = run_job(ray_cluster.address, "sleep 120", {}, sid, timeout_s=2, out=open(os.devnull, "w"))
-    assert result.status == "STOPPED" and "ray.timeout_s" in result.message
-    assert status(connect(ray_cluster.address), sid) == "STOPPED"
-    assert cli.main(["jobs", "status", sid, f"ray.address={ray_cluster.address}"]) == 0
-    assert capsys.readouterr().out == "STOPPED\n"
-
-
 @pytest.mark.slow
 def test_local_backend_starts_and_stops_its_own_cluster(tmp_path, capsys):
     temp_dir = f"/tmp/rl_{secrets.token_hex(4)}"
@@ -484,8 +417,8 @@ def test_local_backend_starts_and_stops_its_own_cluster(tmp_path, capsys):
         launched = json.loads((run_dir / "launch.json").read_text())
         assert launched["local_cluster"]["temp_dir"] == temp_dir
         assert (run_dir / "relaunch.sh").is_file()
-        assert _leftover_processes(temp_dir) == []
+        assert leftover_processes(temp_dir) == []
     finally:
-        for proc in _leftover_processes(temp_dir):
+        for proc in leftover_processes(temp_dir):
             proc.kill()
         subprocess.run(["rm", "-rf", temp_dir])
