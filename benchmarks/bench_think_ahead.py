@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefix-beam", type=int, default=8, help="b")
     parser.add_argument("--prefix-levels", type=int, default=2, help="m")
     parser.add_argument("--recent-items", type=int, default=5, help="N of the short online prompt")
+    parser.add_argument("--use-rationale", action="store_true",
+                        help="the online prompt's think block holds the cached rationale (serving.use_rationale)")
     parser.add_argument("--beam", type=int, default=20)
     parser.add_argument("--growth-t", default="1,2,4")
     parser.add_argument("--growth-b", default="2,4,8")
@@ -216,8 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     item_tok = ItemTokenizer.from_tokenizer(tokenizer)
     cfg = ServingConfig(num_rationales=args.rationales, prefix_levels=args.prefix_levels, prefix_beam=args.prefix_beam,
                         max_think_tokens=args.think_tokens, shard_size=max(1, len(histories)),
-                        recent_items=args.recent_items, beam_width=args.beam, max_k=min(args.beam, 20),
-                        generate_batch_size=64)
+                        recent_items=args.recent_items, use_rationale=args.use_rationale, beam_width=args.beam,
+                        max_k=min(args.beam, 20), generate_batch_size=64)
     users = [f"user{u}" for u in range(len(histories))]
     fingerprints = Fingerprints.of(model_dir)
     todo = prepare_cache_dir(work / "cache", fingerprints, cfg, users)
@@ -254,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "device": str(device), "model": args.model_dir or f"random {args.preset}", "users": len(users),
         "catalogue_items": len(codes), "T": args.rationales, "b": args.prefix_beam, "m": m,
+        "recent_items": args.recent_items, "use_rationale": args.use_rationale,
         "p50_speedup_vs_full_reasoning": ratio(results["full_reasoning"]["p50_ms_batch1"],
                                                results["think_ahead"]["p50_ms_batch1"]),
         "p50_speedup_vs_full_reasoning_batch16": ratio(results["full_reasoning"]["p50_ms_batch16"],

@@ -63,7 +63,7 @@ register training "deepspeed ray" \
     "$PY benchmarks/bench_training.py --device cpu --preset tiny --workers 1 --zero-stages 2 --micro-batches 2 --seq-len 32 --warmup-steps 1 --steps 2 --repeats 3 --no-scaling-md $FLAGS --out-dir $DRY_OUT"
 register loss_memory "transformers" \
     "$PY benchmarks/bench_loss_memory.py --device cuda $FLAGS" \
-    "$PY benchmarks/bench_loss_memory.py --device cpu --quick $FLAGS --out-dir $DRY_OUT"
+    "$PY benchmarks/bench_loss_memory.py --device cpu --quick --vocab 8192 --length 128 $FLAGS --out-dir $DRY_OUT"
 register think_ahead "transformers pyarrow" \
     "$PY benchmarks/bench_think_ahead.py --device cuda --preset small --items 20000 --codebooks 32x32x32 --users 64 --think-tokens 64 $FLAGS" \
     "$PY benchmarks/bench_think_ahead.py --device cpu --items 100 --codebooks 4x5x5 --users 4 --think-tokens 4 --rationales 2 --growth-t 1,2 --growth-b 2 --repeats 3 $FLAGS --out-dir $DRY_OUT"
