@@ -15,21 +15,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("ONEREC_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
-# Fixtures that start or join a Ray cluster: a test using one is multi-process even when not marked slow.
-RAY_FIXTURES = frozenset({"ray_local", "head"})
-
-
-def pytest_collection_modifyitems(config, items):
-    """Every multi-process test (marked slow, or using a Ray fixture) goes to ONE xdist group, so under
-    `-n 2 --dist loadgroup` (pyproject addopts) they run one after another, in file order, on one worker — two Ray
-    clusters on 2 cores would only slow each other down, and a module-scoped Ray fixture still starts once — while
-    the single-process tests run on the other worker."""
-    group = pytest.mark.xdist_group("multiprocess")
-    for item in items:
-        if item.get_closest_marker("slow") or RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(group)
-
-
 def shared_dataset(name: str) -> Path:
     """Path of a dataset under ../shared/data, skipping the test with a reason when it is absent."""
     path = SHARED_DATA / name
