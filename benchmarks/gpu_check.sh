@@ -50,8 +50,8 @@ register() { NAMES+=("$1"); MODULES+=("$2"); GPU_CMDS+=("$3"); DRY_CMDS+=("$4");
 
 # ---- the registry: name, modules it needs, GPU command, dry-run command ---------------------------------------------
 register kernel_tests "pytest hypothesis triton onerec_kernels" \
-    "$PY -m pytest -q -x tests/test_constrained_step_kernel.py" \
-    "$PY -m pytest -q -x tests/test_constrained_step_kernel.py -k 'hand_worked or strided'"
+    "$PY -m pytest -q -x -o addopts= tests/test_constrained_step_kernel.py" \
+    "$PY -m pytest -q -x -o addopts= tests/test_constrained_step_kernel.py -k 'hand_worked or strided'"
 register constrained_step "triton onerec_kernels" \
     "$PY benchmarks/bench_constrained_step.py --device cuda $FLAGS" \
     "$PY benchmarks/bench_constrained_step.py --device cpu --quick --dtypes fp32 $FLAGS --out-dir $DRY_OUT"
