@@ -17,7 +17,7 @@ from onerec_dist.sid.tokens import ItemTokenSpec, all_item_tokens
 from onerec_dist.training import tasks, tasks_parallel
 from onerec_dist.training.config import AlignConfig
 from onerec_dist.training.tasks import build_alignment_mixture, warmup_examples
-from onerec_dist.training.tasks_parallel import build_in_chunks, chunk_bounds, merge_report
+from onerec_dist.training.tasks_parallel import build_in_chunks, chunk_bounds
 from onerec_dist.training.tasks_text import read_documents
 
 NUM_LEVELS, CODEBOOK = 3, 8
@@ -58,7 +58,7 @@ def test_merge_report_equals_one_serial_report():
         part = DropReport()
         for reason, example in rows[start:stop]:
             part.add(reason, example)
-        merge_report(merged, part)
+        merged.merge(part)
     assert merged.counts == serial.counts == {"cut": 5, "skip": 5, "late": 1}
     assert merged.examples == serial.examples == {"cut": ["r0", "r2", "r4"], "skip": ["r1", "r3", "r5"], "late": []}
     assert list(merged.counts) == list(serial.counts)

@@ -84,9 +84,12 @@ class DropReport:
             shown.append(example)
 
     def merge(self, other: "DropReport") -> None:
+        """Add ``other`` as if its rows had been reported here after ours: counts added, examples kept up to the
+        first three, as ``add`` keeps them (so chunks built apart merge into the serial report)."""
         for reason, count in other.counts.items():
             self.counts[reason] = self.counts.get(reason, 0) + count
-            self.examples.setdefault(reason, []).extend(other.examples.get(reason, [])[:3])
+            shown = self.examples.setdefault(reason, [])
+            shown.extend(other.examples.get(reason, [])[:max(0, 3 - len(shown))])
 
     def as_dict(self) -> dict:
         return {reason: {"count": c, "examples": self.examples.get(reason, [])} for reason, c in self.counts.items()}

@@ -53,7 +53,7 @@ from onerec_dist.data.types import DropReport, Examples, InteractionData
 from onerec_dist.prompts import end_of_turn_ids, next_item_question, render_prompt
 from onerec_dist.sid.tokens import ItemTokenizer
 from onerec_dist.training.batching import IGNORE_INDEX
-from onerec_dist.training.tasks_parallel import MIN_PARALLEL_ROWS, build_in_chunks, merge_report
+from onerec_dist.training.tasks_parallel import MIN_PARALLEL_ROWS, build_in_chunks
 from onerec_dist.training.tasks_text import (
     PERSONA_HEADER,
     PERSONA_ITEM_PREFIX,
@@ -178,7 +178,7 @@ def persona_grounding(data: InteractionData, train: Examples, item_codes: np.nda
                "eos": end_of_turn_ids(tokenizer), "max_length": max_length}
     examples, chunk_report = build_in_chunks(_persona_rows, context, len(user_items), processes=processes,
                                              min_parallel_rows=min_parallel_rows, desc=f"align data: {PERSONA}")
-    merge_report(report, chunk_report)
+    report.merge(chunk_report)
     return examples
 
 
@@ -257,7 +257,7 @@ def sequential_preference(data: InteractionData, train: Examples, item_codes: np
                "max_length": max_length, "max_history": max_history}
     examples, chunk_report = build_in_chunks(_sequential_rows, context, len(train), processes=processes,
                                              min_parallel_rows=min_parallel_rows, desc=f"align data: {SEQUENTIAL}")
-    merge_report(report, chunk_report)
+    report.merge(chunk_report)
     return examples
 
 
@@ -318,7 +318,7 @@ def itemic_captioning(data: InteractionData, train: Examples, item_codes: np.nda
                "max_length": max_length, "max_description_tokens": max_description_tokens}
     examples, chunk_report = build_in_chunks(_caption_rows, context, len(items), processes=processes,
                                              min_parallel_rows=min_parallel_rows, desc=f"align data: {CAPTIONING}")
-    merge_report(report, chunk_report)
+    report.merge(chunk_report)
     return examples
 
 

@@ -40,19 +40,9 @@ MIN_PARALLEL_ROWS = 2000
 # Chunks per process: enough to balance uneven rows (long histories) and to move the bar; few enough that the per-chunk
 # overhead (one pickled result) stays small.
 CHUNKS_PER_PROCESS = 4
-REPORT_EXAMPLES = 3  # DropReport.add keeps the first three examples of each reason
 
 BuildRows = Callable[[Any, int, int], "tuple[list, DropReport]"]
 _CONTEXT: Any = None  # the context of the pool's builder, set in each worker by _set_context
-
-
-def merge_report(into: DropReport, part: DropReport) -> None:
-    """Add ``part`` (a later chunk's report) to ``into`` as if its rows had been reported into it directly: counts
-    added, examples appended up to the first three (``DropReport.merge`` appends all of ``part``'s)."""
-    for reason, count in part.counts.items():
-        into.counts[reason] = into.counts.get(reason, 0) + count
-        shown = into.examples.setdefault(reason, [])
-        shown.extend(part.examples.get(reason, [])[:max(0, REPORT_EXAMPLES - len(shown))])
 
 
 def chunk_bounds(num_rows: int, num_chunks: int) -> list[tuple[int, int]]:
@@ -139,5 +129,5 @@ def build_in_chunks(build_rows: BuildRows, context: Any, num_rows: int, *, proce
     for future in futures:  # row order; .result() raises the earliest chunk's error
         part, part_report = future.result()
         examples.extend(part)
-        merge_report(report, part_report)
+        report.merge(part_report)
     return examples, report

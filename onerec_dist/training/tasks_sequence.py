@@ -78,7 +78,7 @@ def whole_sequence_preference(data: InteractionData, train: Examples, item_codes
     """Whole-sequence examples of every user with at least one training target (module docstring).
     ``processes`` > 1: users in chunks in a process pool, same result (onerec_dist/training/tasks_parallel.py)."""
     from onerec_dist.training.tasks import _check_item_indices, item_token_table, training_items
-    from onerec_dist.training.tasks_parallel import MIN_PARALLEL_ROWS, build_in_chunks, merge_report
+    from onerec_dist.training.tasks_parallel import MIN_PARALLEL_ROWS, build_in_chunks
 
     report = report if report is not None else DropReport()
     codes = np.asarray(item_codes)
@@ -91,7 +91,7 @@ def whole_sequence_preference(data: InteractionData, train: Examples, item_codes
         _whole_sequence_rows, context, len(sequences), processes=processes,
         min_parallel_rows=MIN_PARALLEL_ROWS if min_parallel_rows is None else min_parallel_rows,
         desc="align data: sequential_preference (whole_sequence)")
-    merge_report(report, chunk_report)
+    report.merge(chunk_report)
     return examples
 
 
