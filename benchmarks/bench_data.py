@@ -19,8 +19,8 @@ alignment tasks' prompts + answers at max_length 512), the first third of each s
 names. Both paths hold exactly the same examples; the pickled path keeps them as Python lists, like the recipes'
 examples today.
 
-A pickled run whose memory, extrapolated linearly from the previous (smaller) size, would exceed --max-memory-frac
-of this machine's RAM is skipped and the extrapolation recorded instead (a 1M-example pickled run needs tens of GB:
+A pickled run whose memory, extrapolated from the previous (smaller) size (its excess over the shards run there
+grows linearly, the rest stays), would exceed --max-memory-frac of this machine's RAM is skipped and the extrapolation recorded instead (a 1M-example pickled run needs tens of GB:
 the driver's lists plus one unpickled copy per worker).
 
     python benchmarks/bench_data.py --quick                  # 10k and 1M examples, both paths, 2 workers
@@ -223,10 +223,18 @@ def parse_args(argv=None):
     return args
 
 
-def extrapolated_bytes(previous: dict[str, Any], size: int, workers: int) -> float:
-    """Driver + all workers' peak RSS of a pickled run at ``size``, linear in the examples from ``previous``."""
-    total = previous["driver_peak_rss"]["median"] + workers * max(previous["worker_peak_rss_max"]["median"], 0)
-    return total * size / previous["size"]
+def extrapolated_bytes(pickled: dict[str, Any], shards: dict[str, Any] | None, size: int, workers: int) -> float:
+    """Driver + all workers' peak RSS of a pickled run at ``size``, from the runs at the previous (smaller) size.
+
+    Only the data-dependent part grows with the examples: the pickled run's memory above the shards run's at the
+    same size (Python lists in the driver and one unpickled copy per worker). The rest (interpreter, torch, Ray,
+    the model) is the same at every size, so it is added once, not scaled. Without a shards run at that size the
+    whole pickled total is scaled (an upper bound)."""
+    def total(row):
+        return row["driver_peak_rss"]["median"] + workers * max(row["worker_peak_rss_max"]["median"], 0)
+
+    fixed = min(total(shards), total(pickled)) if shards is not None else 0.0
+    return fixed + (total(pickled) - fixed) * size / pickled["size"]
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -241,7 +249,7 @@ def main(argv=None) -> dict[str, Any]:
     for size in args.sizes:
         for path in PATHS:
             if path == "pickled" and path in previous:
-                need = extrapolated_bytes(previous[path], size, args.workers)
+                need = extrapolated_bytes(previous[path], previous.get("shards"), size, args.workers)
                 if need > args.max_memory_frac * (ram_bytes() or 0):
                     rows.append({"path": path, "size": size, "skipped": f"extrapolated driver + {args.workers} "
                                  f"workers peak RSS {need / 2**30:.1f} GiB > {args.max_memory_frac} x RAM"})

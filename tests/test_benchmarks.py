@@ -425,3 +425,17 @@ def test_gpu_check_registry_is_one_line_per_benchmark():
     assert {"kernel_tests", "constrained_step", "decoding", "training"} <= set(names)
     assert "--presets qwen3-0.6b --catalogues 100k:4x256 --beams 32" in text  # the decoding check of the issue
     assert "--preset qwen3-0.6b --precision bf16 --workers 1 --zero-stages 2" in text  # the training check
+
+
+def test_bench_data_extrapolates_only_the_data_dependent_memory():
+    import bench_data
+
+    def row(size, driver, worker):
+        return {"size": size, "driver_peak_rss": {"median": driver}, "worker_peak_rss_max": {"median": worker}}
+
+    # at 10k: pickled = driver 700 + 2 workers x 1000 = 2700; shards = 700 + 2 x 700 = 2100 (the fixed part).
+    # Only the excess 600 grows 100x: 2100 + 600 x 100 = 62100 (scaling the whole 2700 would say 270000).
+    pickled, shards = row(10_000, 700, 1000), row(10_000, 700, 700)
+    assert bench_data.extrapolated_bytes(pickled, shards, 1_000_000, workers=2) == pytest.approx(62_100)
+    # no shards run at that size: the whole pickled total scales (an upper bound)
+    assert bench_data.extrapolated_bytes(pickled, None, 1_000_000, workers=2) == pytest.approx(270_000)
