@@ -311,28 +311,43 @@ def test_summary_fields():
 
 # ---------------------------------------------------------------------------------------------- 2 workers, ZeRO-2
 @pytest.mark.slow
-def test_two_worker_zero2_run_writes_the_summary(ray_local, tmp_path):
-    """The whole loop (rl_worker.rl_loop) on 2 gloo workers under Ray with DeepSpeed ZeRO-2: 2 steps, held-out
-    users before / after, a checkpoint, the export."""
-    from onerec_dist.distributed.rl_worker import PHASES, rl_loop
+def test_two_worker_zero2_run_writes_the_summary_and_resumes_exactly(ray_local, tmp_path):
+    """The whole loop (rl_worker.rl_loop) on 2 gloo workers under Ray with DeepSpeed ZeRO-2, fp32: 3 steps, held-out
+    users before / after, a checkpoint after every step, the export. Then a run resumed from the step-1 checkpoint
+    repeats steps 2-3 of the uninterrupted run exactly: the same sampled rationales (sampler position + seeds), the
+    same weights and optimizer state (KL, entropy and the policy loss are functions of all of them)."""
+    from onerec_dist.distributed.rl_worker import CHECKPOINTS_DIR, PHASES, rl_loop
     from onerec_dist.distributed.worker_group import run_on_workers
     from onerec_dist.training.config import DeepSpeedConfig, TrainerConfig
 
     model, tokenizer, item_tok, think, codes, users = build_world()
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    rl = grpo.RLConfig(group_size=2, beam_width=2, prompts_per_rank=2, max_think_tokens=4, max_steps=2, lr=1e-3,
-                       heldout_users=4, checkpoint_every=2)
+    rl = grpo.RLConfig(group_size=2, beam_width=2, prompts_per_rank=2, max_think_tokens=4, max_steps=3, lr=1e-3,
+                       heldout_users=4, checkpoint_every=1)
     config = {"rl": rl, "model_dir": str(tmp_path / "model"), "item_codes": codes, "train": users,
               "heldout": users.take(range(4)), "output_dir": str(tmp_path / "run")}
-    trainer = TrainerConfig(num_workers=2, max_steps=2, micro_batch_size=4, lr=1e-3, lr_schedule="constant",
+    trainer = TrainerConfig(num_workers=2, max_steps=3, micro_batch_size=4, lr=1e-3, lr_schedule="constant",
                             precision="fp32", weight_decay=0.0, checkpoint_every=0, resume="never",
                             wandb={"mode": "disabled"})
     results = run_on_workers(rl_loop, config, trainer, DeepSpeedConfig(zero_stage=2), tmp_path / "run")
     summary = results[0]
-    assert results[1] is None and summary["world_size"] == 2 and summary["steps"] == 2
-    assert len(summary["rewards"]) == 2 and all(0.0 <= r <= 1.0 for r in summary["rewards"])
+    assert results[1] is None and summary["world_size"] == 2 and summary["steps"] == 3
+    assert len(summary["rewards"]) == 3 and all(0.0 <= r <= 1.0 for r in summary["rewards"])
     assert math.isfinite(summary["kl_max"]) and summary["clip_frac_max"] == 0.0
     assert set(summary["heldout"]) == {"before", "after"} and summary["heldout"]["after"]["users"] == 4
     assert set(summary["timing"]) == set(PHASES)
     assert Path(summary["checkpoint_dir"]).is_dir() and (Path(summary["export_dir"]) / "config.json").is_file()
+
+    step1 = tmp_path / "run" / CHECKPOINTS_DIR / "checkpoint_step00000001"
+    resumed_config = {**config, "output_dir": str(tmp_path / "resumed"), "resume_dir": str(step1)}
+    resumed = run_on_workers(rl_loop, resumed_config, trainer, DeepSpeedConfig(zero_stage=2),
+                             tmp_path / "resumed")[0]
+    assert resumed["steps"] == 3 and resumed["rewards"] == summary["rewards"]
+    for mine, theirs in zip(resumed["log"], summary["log"]):
+        assert mine["step"] == theirs["step"] and mine["rationale_length"] == theirs["rationale_length"]
+        for key in ("reward", "kl", "entropy", "pg_loss"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-9), (mine["step"], key)
+    # steps 2-3 moved the weights (lr 1e-3): the KL to the reference is non-zero after the first update
+    assert summary["log"][0]["kl"] == pytest.approx(0.0, abs=1e-9) and summary["log"][2]["kl"] > 0
+    assert resumed["heldout"]["after"] == pytest.approx(summary["heldout"]["after"])
