@@ -336,3 +336,58 @@ def test_two_worker_zero2_run_writes_the_summary(ray_local, tmp_path):
     assert set(summary["heldout"]) == {"before", "after"} and summary["heldout"]["after"]["users"] == 4
     assert set(summary["timing"]) == set(PHASES)
     assert Path(summary["checkpoint_dir"]).is_dir() and (Path(summary["export_dir"]) / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_rollout_actors_repeat_the_colocated_run_and_hold_the_trained_weights(ray_local, tmp_path, world):
+    """rl.rollout.backend=actors against colocated, 2 gloo workers, ZeRO-2, fp32 CPU, same seed and weights, 3
+    steps, on the trained world (its rationales decide the item, so groups have reward spread and the weights
+    move): both ranks send their prompts to one rollout actor. Step 1 samples from the loaded model on both
+    backends; steps 2-3 sample from the weights after 1-2 updates, which the actor only has if the bucketed sync
+    after each update was right, so every step's log row (reward, rationale length, KL, ...) must be identical.
+    After the run the actor's weights equal the trained export exactly (version 3: one sync per update)."""
+    from dataclasses import replace
+
+    import ray
+    from transformers import AutoModelForCausalLM
+
+    from onerec_dist.distributed.rl_worker import rl_loop
+    from onerec_dist.distributed.rollout_pool import rollout_actors
+    from onerec_dist.distributed.worker_group import run_on_workers
+    from onerec_dist.training.config import DeepSpeedConfig, TrainerConfig
+
+    model, tokenizer, item_tok, think, codes, users = world
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    rl = grpo.RLConfig(group_size=4, beam_width=2, prompts_per_rank=2, max_think_tokens=2, max_steps=3, lr=1e-2,
+                       heldout_users=0)
+    config = {"rl": rl, "model_dir": str(tmp_path / "model"), "item_codes": codes, "train": users,
+              "heldout": users.take([]), "output_dir": str(tmp_path / "colocated")}
+    trainer = TrainerConfig(num_workers=2, max_steps=3, micro_batch_size=4, lr=1e-2, lr_schedule="constant",
+                            precision="fp32", weight_decay=0.0, checkpoint_every=0, resume="never",
+                            wandb={"mode": "disabled"})
+    colocated = run_on_workers(rl_loop, config, trainer, DeepSpeedConfig(zero_stage=2), tmp_path / "colocated")[0]
+    # 0.25 MB buckets: the ~0.8 MB tiny model goes in several
+    pooled = replace(rl, rollout=grpo.RolloutConfig(backend="actors", num_actors=1, sync_bucket_mb=0.25))
+    with rollout_actors(pooled, trainer, str(tmp_path / "model"), codes) as actors:
+        summary = run_on_workers(rl_loop, {**config, "rl": pooled, "rollout_actors": actors,
+                                           "output_dir": str(tmp_path / "actors")},
+                                 trainer, DeepSpeedConfig(zero_stage=2), tmp_path / "actors")[0]
+        held = ray.get(actors[0].named_weights.remote())
+        version = ray.get(actors[0].weight_version.remote())
+
+    def comparable(row):
+        return {k: v for k, v in row.items() if not k.startswith("time/") and k != "sync_bytes"}
+
+    assert summary["rollout_backend"] == "actors" and colocated["rollout_backend"] == "colocated"
+    assert summary["rewards"] == colocated["rewards"]
+    assert [comparable(r) for r in summary["log"]] == [comparable(r) for r in colocated["log"]]
+    trained = dict(AutoModelForCausalLM.from_pretrained(summary["export_dir"]).named_parameters())
+    initial = dict(model.named_parameters())
+    assert version == 3 and set(held) == set(trained)
+    assert all(torch.equal(held[n], trained[n].detach()) for n in trained)
+    moved = [n for n in trained if not torch.equal(trained[n].detach(), initial[n].detach())]
+    assert moved, "training did not change the weights: the sync check could not fail"
+    # every step sent every (trainable, fp32) parameter once: 4 bytes each
+    total = 4 * sum(p.numel() for p in initial.values())
+    assert [row["sync_bytes"] for row in summary["log"]] == [float(total)] * 3 and colocated["synced_bytes"] == 0
