@@ -143,3 +143,25 @@ def test_lora_sync_sends_adapters_only_and_reproduces_the_trained_policy(tmp_pat
     expected = _colocated(trained, world, cfg, prompts, 11)
     assert expected[0].bodies != _colocated(base, world, cfg, prompts, 11)[0].bodies  # the adapters matter
     assert rollout.bodies == expected[0].bodies and torch.equal(rewards, expected[1])
+
+
+def test_pool_resources_are_checked_before_ray_would_wait_forever():
+    from onerec_dist.distributed.rollout_pool import check_pool_resources
+    from onerec_dist.training.config import TrainerConfig
+
+    from onerec_dist.distributed.rollout_pool import rollout_actors
+
+    trainer = TrainerConfig(num_workers=2, wandb={"mode": "disabled"})   # 2 workers x 1 CPU
+    with rollout_actors(grpo.RLConfig(), trainer, "unused", None) as actors:   # colocated: no pool, no Ray
+        assert actors is None
+    # 2 + 1 x 0 = 2 CPUs fit a 2-core machine; 2 + 2 x 0.5 = 3 do not
+    check_pool_resources(grpo.RolloutConfig(backend="actors", num_cpus_per_actor=0), trainer, cpus=2, gpus=0)
+    with pytest.raises(ValueError, match=r"rl.rollout.num_cpus_per_actor=0.5: .* need 3 CPUs, the cluster has 2"):
+        check_pool_resources(grpo.RolloutConfig(backend="actors", num_actors=2, num_cpus_per_actor=0.5), trainer,
+                             cpus=2, gpus=0)
+    with pytest.raises(ValueError, match=r"rl.rollout.num_gpus_per_actor=1: .* need 1 GPUs, the cluster has 0"):
+        check_pool_resources(grpo.RolloutConfig(backend="actors", num_gpus_per_actor=1), trainer, cpus=2, gpus=0)
+    with pytest.raises(ValueError, match="rl.rollout.backend: 'vllm' is not allowed; allowed values: colocated, act"):
+        grpo.RolloutConfig(backend="vllm")
+    with pytest.raises(ValueError, match="rl.rollout.sync_bucket_mb"):
+        grpo.rl_config({"rollout": {"sync_bucket_mb": 0}})

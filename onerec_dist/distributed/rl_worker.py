@@ -10,9 +10,11 @@ Rollouts (``rl.rollout.backend``):
     policy. After each step's update rank 0 streams the trained weights to every actor in buckets
     (``rollout_pool.sync_weights``; LoRA: adapters only) and all ranks wait at a barrier, so no rank samples from
     stale weights; the ``sync`` phase then also holds the weight copy, and ``sync_bytes`` is logged per step.
-Every phase is timed (rollout, reward, reference, update, sync). Checkpoints (``rl.checkpoint_every``) hold the DeepSpeed state plus the reward
-history, the prompt sampler's position and the RNG states (strategy.save_checkpoint); the sampling seed of a step
-is a function of (rl.seed, step, rank), so a resumed run draws the uninterrupted run's rationales.
+    Held-out evaluation stays on the workers. A run (also a resumed one) first syncs the actors to its weights.
+Every phase is timed (rollout, reward, reference, update, sync). Checkpoints (``rl.checkpoint_every``) hold the
+DeepSpeed state plus the reward history, the prompt sampler's position and the RNG states (strategy.save_checkpoint);
+the sampling seed of a step is a function of (rl.seed, step, rank), so a resumed run draws the uninterrupted run's
+rationales, on either backend.
 """
 
 from __future__ import annotations

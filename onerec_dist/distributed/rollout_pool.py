@@ -179,11 +179,15 @@ def rollout_actors(rl: grpo.RLConfig, trainer, model_dir: str, item_codes: np.nd
     if rl.rollout.backend != "actors":
         yield None
         return
+    import os
+
     import ray
 
     from onerec_dist.distributed import ray_job
 
     settings = rl.rollout
+    # this call may start the Ray the workers then join: give it the environment ray_job._launch would have
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", ray_job.HEALTH_CHECK_INTERVAL_S)
     started = ray_job._ensure_ray(trainer)
     actors: list = []
     try:
@@ -218,7 +222,8 @@ def sync_weights(strategy, actors: list, version: int, bucket_bytes: int) -> int
     every rank from sampling before the actors hold ``version``).
 
     Rank 0 puts one bucket of at most ``bucket_bytes`` into the object store at a time and waits until every actor
-    loaded it before the next, so at most one bucket per sync is in flight."""
+    loaded it before the next, so at most one bucket per sync is in flight. The bytes counted are the weights' (one
+    copy; each actor reads that copy from the object store)."""
     import ray
 
     sent = 0
