@@ -310,44 +310,112 @@ def test_summary_fields():
 
 
 # ---------------------------------------------------------------------------------------------- 2 workers, ZeRO-2
-@pytest.mark.slow
-def test_two_worker_zero2_run_writes_the_summary_and_resumes_exactly(ray_local, tmp_path):
-    """The whole loop (rl_worker.rl_loop) on 2 gloo workers under Ray with DeepSpeed ZeRO-2, fp32: 3 steps, held-out
-    users before / after, a checkpoint after every step, the export. Then a run resumed from the step-1 checkpoint
-    repeats steps 2-3 of the uninterrupted run exactly: the same sampled rationales (sampler position + seeds), the
-    same weights and optimizer state (KL, entropy and the policy loss are functions of all of them)."""
-    from onerec_dist.distributed.rl_worker import CHECKPOINTS_DIR, PHASES, rl_loop
+# One colocated run of the whole loop (rl_worker.rl_loop) on 2 gloo workers under Ray with DeepSpeed ZeRO-2, fp32 CPU,
+# on the trained world (its rationales decide the item, so groups have reward spread and the weights move): 3 steps,
+# held-out users before / after, a checkpoint after every step, the export. The tests below compare other runs (a
+# resumed one, one with rollout actors) against it, so it runs once per module.
+RUN_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def colocated_run(ray_local, world_state, tmp_path_factory):
+    from onerec_dist.distributed.rl_worker import rl_loop
     from onerec_dist.distributed.worker_group import run_on_workers
     from onerec_dist.training.config import DeepSpeedConfig, TrainerConfig
 
-    model, tokenizer, item_tok, think, codes, users = build_world()
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    rl = grpo.RLConfig(group_size=2, beam_width=2, prompts_per_rank=2, max_think_tokens=4, max_steps=3, lr=1e-3,
-                       heldout_users=4, checkpoint_every=1)
-    config = {"rl": rl, "model_dir": str(tmp_path / "model"), "item_codes": codes, "train": users,
-              "heldout": users.take(range(4)), "output_dir": str(tmp_path / "run")}
-    trainer = TrainerConfig(num_workers=2, max_steps=3, micro_batch_size=4, lr=1e-3, lr_schedule="constant",
+    (model, tokenizer, item_tok, think, codes, users), _ = world_state
+    root = tmp_path_factory.mktemp("grpo_run")
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rl = grpo.RLConfig(group_size=4, beam_width=2, prompts_per_rank=2, max_think_tokens=2, max_steps=RUN_STEPS,
+                       lr=1e-2, heldout_users=4, checkpoint_every=1)
+    config = {"rl": rl, "model_dir": str(root / "model"), "item_codes": codes, "train": users,
+              "heldout": users.take(range(4)), "output_dir": str(root / "colocated")}
+    trainer = TrainerConfig(num_workers=2, max_steps=RUN_STEPS, micro_batch_size=4, lr=1e-2, lr_schedule="constant",
                             precision="fp32", weight_decay=0.0, checkpoint_every=0, resume="never",
                             wandb={"mode": "disabled"})
-    results = run_on_workers(rl_loop, config, trainer, DeepSpeedConfig(zero_stage=2), tmp_path / "run")
-    summary = results[0]
-    assert results[1] is None and summary["world_size"] == 2 and summary["steps"] == 3
-    assert len(summary["rewards"]) == 3 and all(0.0 <= r <= 1.0 for r in summary["rewards"])
+    summary = run_on_workers(rl_loop, config, trainer, DeepSpeedConfig(zero_stage=2), root / "colocated")[0]
+    return {"summary": summary, "config": config, "trainer": trainer, "root": root, "model": model, "codes": codes}
+
+
+def _comparable(row):
+    """A log row without wall-clock times and the actors' sync bytes."""
+    return {k: v for k, v in row.items() if not k.startswith("time/") and k != "sync_bytes"}
+
+
+@pytest.mark.slow
+def test_two_worker_zero2_run_writes_the_summary(colocated_run):
+    from onerec_dist.distributed.rl_worker import PHASES
+
+    summary = colocated_run["summary"]
+    assert summary["world_size"] == 2 and summary["steps"] == RUN_STEPS
+    assert len(summary["rewards"]) == RUN_STEPS and all(0.0 <= r <= 1.0 for r in summary["rewards"])
     assert math.isfinite(summary["kl_max"]) and summary["clip_frac_max"] == 0.0
     assert set(summary["heldout"]) == {"before", "after"} and summary["heldout"]["after"]["users"] == 4
     assert set(summary["timing"]) == set(PHASES)
     assert Path(summary["checkpoint_dir"]).is_dir() and (Path(summary["export_dir"]) / "config.json").is_file()
+    # step 1: actor == reference, so every k3 term is 0; the updates move the actor (lr 1e-2, reward spread)
+    assert summary["log"][0]["kl"] == pytest.approx(0.0, abs=1e-9) and summary["log"][-1]["kl"] > 0
 
-    step1 = tmp_path / "run" / CHECKPOINTS_DIR / "checkpoint_step00000001"
-    resumed_config = {**config, "output_dir": str(tmp_path / "resumed"), "resume_dir": str(step1)}
-    resumed = run_on_workers(rl_loop, resumed_config, trainer, DeepSpeedConfig(zero_stage=2),
-                             tmp_path / "resumed")[0]
-    assert resumed["steps"] == 3 and resumed["rewards"] == summary["rewards"]
-    for mine, theirs in zip(resumed["log"], summary["log"]):
-        assert mine["step"] == theirs["step"] and mine["rationale_length"] == theirs["rationale_length"]
-        for key in ("reward", "kl", "entropy", "pg_loss"):
-            assert mine[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-9), (mine["step"], key)
-    # steps 2-3 moved the weights (lr 1e-3): the KL to the reference is non-zero after the first update
-    assert summary["log"][0]["kl"] == pytest.approx(0.0, abs=1e-9) and summary["log"][2]["kl"] > 0
-    assert resumed["heldout"]["after"] == pytest.approx(summary["heldout"]["after"])
+
+@pytest.mark.slow
+def test_resumed_run_repeats_the_uninterrupted_rewards_exactly(colocated_run):
+    """Resumed from the step-1 checkpoint, steps 2-3 repeat the uninterrupted run exactly: the same sampled
+    rationales (sampler position, per-step seeds) on the same weights and optimizer state (KL, entropy and the
+    policy loss are functions of all of them), and the held-out result after training."""
+    from onerec_dist.distributed.rl_worker import CHECKPOINTS_DIR, rl_loop
+    from onerec_dist.distributed.worker_group import run_on_workers
+    from onerec_dist.training.config import DeepSpeedConfig
+
+    root, uninterrupted = colocated_run["root"], colocated_run["summary"]
+    step1 = root / "colocated" / CHECKPOINTS_DIR / "checkpoint_step00000001"
+    config = {**colocated_run["config"], "output_dir": str(root / "resumed"), "resume_dir": str(step1)}
+    resumed = run_on_workers(rl_loop, config, colocated_run["trainer"], DeepSpeedConfig(zero_stage=2),
+                             root / "resumed")[0]
+    assert resumed["steps"] == RUN_STEPS and resumed["rewards"] == uninterrupted["rewards"]
+    assert [_comparable(r) for r in resumed["log"]] == [_comparable(r) for r in uninterrupted["log"]]
+    assert resumed["heldout"] == uninterrupted["heldout"]
+
+
+@pytest.mark.slow
+def test_rollout_actors_repeat_the_colocated_run_and_hold_the_trained_weights(colocated_run):
+    """rl.rollout.backend=actors against the colocated run, same seed and weights: both ranks send their prompts to
+    one rollout actor. Step 1 samples from the loaded model on both backends; steps 2-3 sample from the weights after
+    1-2 updates, which the actor only has if the bucketed sync after each update was right, so every step's log row
+    (reward, rationale length, KL, ...) must be identical. After the run the actor's weights equal the trained export
+    exactly (version 3: one sync per update)."""
+    from dataclasses import replace
+
+    import ray
+    from transformers import AutoModelForCausalLM
+
+    from onerec_dist.distributed.rl_worker import rl_loop
+    from onerec_dist.distributed.rollout_pool import rollout_actors
+    from onerec_dist.distributed.worker_group import run_on_workers
+    from onerec_dist.training.config import DeepSpeedConfig
+
+    root, colocated, trainer = colocated_run["root"], colocated_run["summary"], colocated_run["trainer"]
+    config = colocated_run["config"]
+    # 0.25 MB buckets: the ~0.8 MB tiny model goes in several
+    pooled = replace(config["rl"], checkpoint_every=0,
+                     rollout=grpo.RolloutConfig(backend="actors", num_actors=1, sync_bucket_mb=0.25))
+    with rollout_actors(pooled, trainer, config["model_dir"], colocated_run["codes"]) as actors:
+        summary = run_on_workers(rl_loop, {**config, "rl": pooled, "rollout_actors": actors,
+                                           "output_dir": str(root / "actors")},
+                                 trainer, DeepSpeedConfig(zero_stage=2), root / "actors")[0]
+        held = ray.get(actors[0].named_weights.remote())
+        version = ray.get(actors[0].weight_version.remote())
+
+    assert summary["rollout_backend"] == "actors" and colocated["rollout_backend"] == "colocated"
+    assert summary["rewards"] == colocated["rewards"]
+    assert [_comparable(r) for r in summary["log"]] == [_comparable(r) for r in colocated["log"]]
+    trained = dict(AutoModelForCausalLM.from_pretrained(summary["export_dir"]).named_parameters())
+    initial = dict(colocated_run["model"].named_parameters())
+    assert version == RUN_STEPS and set(held) == set(trained)
+    assert all(torch.equal(held[n], trained[n].detach()) for n in trained)
+    moved = [n for n in trained if not torch.equal(trained[n].detach(), initial[n].detach())]
+    assert moved, "training did not change the weights: the sync check could not fail"
+    # every step sent every (trainable, fp32) parameter once: 4 bytes each
+    total = 4 * sum(p.numel() for p in initial.values())
+    assert [row["sync_bytes"] for row in summary["log"]] == [float(total)] * RUN_STEPS
+    assert colocated["synced_bytes"] == 0

@@ -1,12 +1,20 @@
 """The GRPO loop on every Ray worker (``rl_loop``, run through ``worker_group.run_on_workers``); the steps it runs
 are the recipe's pure functions (onerec_dist/recipes/grpo.py, which explains one step).
 
-Colocated rollouts: generation and the reward's constrained decode use the actor's own weights inside
-``strategy.gathered_parameters()`` (ZeRO-3: gathered once per phase; below ZeRO-3 whole already), so no weight copy
-or sync exists; the ``sync`` phase is the all-reduce of the step's statistics. Every phase is timed (rollout,
-reward, reference, update, sync). Checkpoints (``rl.checkpoint_every``) hold the DeepSpeed state plus the reward
-history, the prompt sampler's position and the RNG states (strategy.save_checkpoint); the sampling seed of a step
-is a function of (rl.seed, step, rank), so a resumed run draws the uninterrupted run's rationales.
+Rollouts (``rl.rollout.backend``):
+  * ``colocated`` (default): generation and the reward's constrained decode use the actor's own weights inside
+    ``strategy.gathered_parameters()`` (ZeRO-3: gathered once per phase; below ZeRO-3 whole already), so no weight
+    copy exists; the ``sync`` phase is the all-reduce of the step's statistics;
+  * ``actors``: rank r sends its prompts to rollout actor ``r % num_actors`` (``config["rollout_actors"]``, created
+    by the driver; onerec_dist/distributed/rollout_pool.py), which runs the same two calls on its own copy of the
+    policy. After each step's update rank 0 streams the trained weights to every actor in buckets
+    (``rollout_pool.sync_weights``; LoRA: adapters only) and all ranks wait at a barrier, so no rank samples from
+    stale weights; the ``sync`` phase then also holds the weight copy, and ``sync_bytes`` is logged per step.
+    Held-out evaluation stays on the workers. A run (also a resumed one) first syncs the actors to its weights.
+Every phase is timed (rollout, reward, reference, update, sync). Checkpoints (``rl.checkpoint_every``) hold the
+DeepSpeed state plus the reward history, the prompt sampler's position and the RNG states (strategy.save_checkpoint);
+the sampling seed of a step is a function of (rl.seed, step, rank), so a resumed run draws the uninterrupted run's
+rationales, on either backend.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ PHASES = ("rollout", "reward", "reference", "update", "sync")
 CHECKPOINTS_DIR = "checkpoints"
 
 
-def _load_policy(model_dir: str, dtype: str):
+def load_policy(model_dir: str, dtype: str):
     from onerec_dist.models import load_pretrained
 
     return load_pretrained(model_dir, "auto", {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype, "auto"))
@@ -42,9 +50,9 @@ def _build(strategy, config: dict[str, Any]):
 
     cfg: grpo.RLConfig = config["rl"]
     item_codes = torch.as_tensor(config["item_codes"], dtype=torch.long)                     # [I, L]
-    model, tokenizer = _load_policy(config["model_dir"], strategy.trainer.precision)
+    model, tokenizer = load_policy(config["model_dir"], strategy.trainer.precision)
     think, item_tok = grpo.check_policy(tokenizer, ItemTokenizer.from_tokenizer, len(item_codes), cfg)
-    reference_model, _ = _load_policy(config.get("reference_dir") or config["model_dir"], strategy.trainer.precision)
+    reference_model, _ = load_policy(config.get("reference_dir") or config["model_dir"], strategy.trainer.precision)
     grpo.check_reference(model, reference_model)
     model.requires_grad_(True)
     engine = strategy.prepare(model, default_param_groups(model, strategy.trainer.weight_decay))
@@ -52,12 +60,32 @@ def _build(strategy, config: dict[str, Any]):
     index = PrefixIndex.build(item_codes, item_tok.codebook_sizes)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     module = getattr(engine, "module", engine)
-    decoder = ConstrainedDecoder(module, item_tok, index, cfg.beam_width, cfg.beam_width, cfg.normalization,
-                                 pad_token_id=pad, row_budget=cfg.row_budget)
+    decoder = reward_decoder(module, item_tok, index, cfg, pad)
     width = min(max(cfg.beam_width, 10), len(item_codes))
     eval_decoder = ConstrainedDecoder(module, item_tok, index, width, min(10, width), cfg.normalization,
                                       pad_token_id=pad, row_budget=cfg.row_budget)
     return engine, reference, tokenizer, think, pad, decoder, eval_decoder
+
+
+def reward_decoder(module, item_tok, index, cfg: grpo.RLConfig, pad: int):
+    """The reward's constrained decoder over ``module`` (K beams, all K returned): one definition for the workers
+    and the rollout actors, so both decode alike."""
+    from onerec_dist.decoding.beam_search import ConstrainedDecoder
+
+    return ConstrainedDecoder(module, item_tok, index, cfg.beam_width, cfg.beam_width, cfg.normalization,
+                              pad_token_id=pad, row_budget=cfg.row_budget)
+
+
+def rollout_phase(module, decoder, think, prompts: grpo.PromptSet, cfg: grpo.RLConfig, pad: int, seed: int, mark
+                  ) -> tuple[grpo.Rollout, torch.Tensor, torch.Tensor]:
+    """(rollout, rewards [B, G], per-level best match [N, L]) of ``prompts`` from ``module`` (whole weights, eval
+    mode, no grad): G sampled rationales per prompt, then ONE constrained decode of all B*G prefixes.
+    ``mark("rollout")`` is called between the two (the phase clock). Run by a worker (colocated) or a rollout
+    actor."""
+    rollout = grpo.sample_rationales(module, think, prompts, cfg, pad, seed)
+    mark("rollout")
+    rewards, per_level = grpo.rollout_rewards(decoder, think, rollout, cfg.reward)              # [B, G], [N, L]
+    return rollout, rewards, per_level
 
 
 def _heldout(strategy, config, think, pad, eval_decoder) -> dict[str, float]:
@@ -117,10 +145,19 @@ def grpo_step(strategy, engine, reference, config, think, pad, decoder, sampler,
 
     prompts = config["train"].take(sampler.next_rows())
     seed = (cfg.seed * 1_000_003 + step) * 4096 + strategy.rank
-    with strategy.gathered_parameters() as module, torch.no_grad():
-        rollout = grpo.sample_rationales(module, think, prompts, cfg, pad, seed)
-        mark("rollout")
-        rewards, per_level = grpo.rollout_rewards(decoder, think, rollout, cfg.reward)              # [B, G], [N, L]
+    actors = config.get("rollout_actors")
+    if actors:
+        from onerec_dist.distributed import rollout_pool
+
+        # the actor's weights are version `step` (synced after the previous step's update, or at the start)
+        rollout, rewards, per_level, remote = rollout_pool.remote_rollout(
+            actors[strategy.rank % len(actors)], prompts, seed, step)
+        mark("rollout")  # the whole call; its reward part is the actor's own decode time
+        seconds["rollout"] -= remote["reward"]
+        seconds["reward"] += remote["reward"]
+    else:
+        with strategy.gathered_parameters() as module, torch.no_grad():
+            rollout, rewards, per_level = rollout_phase(module, decoder, think, prompts, cfg, pad, seed, mark)
     stats = grpo.rollout_stats(rewards, per_level, rollout)
     if cfg.debug.shuffle_rewards:
         rewards = grpo.shuffle_rewards(rewards, seed)
@@ -136,6 +173,12 @@ def grpo_step(strategy, engine, reference, config, think, pad, decoder, sampler,
     stats.update(dict.fromkeys(("tokens", "kl_sum", "pg_sum", "clipped_tokens", "entropy_sum"), 0.0))
     _update(strategy, engine, cfg, batch, stats)
     mark("update")
+    if actors:
+        from onerec_dist.distributed import rollout_pool
+
+        stats["synced_bytes"] = float(rollout_pool.sync_weights(strategy, actors, step + 1,
+                                                                cfg.rollout.sync_bucket_bytes))
+        mark("sync")
     return stats, seconds
 
 
@@ -172,6 +215,14 @@ def rl_loop(strategy, config: dict[str, Any]) -> dict[str, Any]:
     if config.get("resume_dir"):
         client = strategy.load_checkpoint(config["resume_dir"], fingerprint)
         state, _ = client["state"], sampler.load_state_dict(client["sampler"])
+    actors = config.get("rollout_actors")
+    if actors:  # the actors loaded the starting model; a resumed (or LoRA) actor differs from it: sync first
+        from onerec_dist.distributed import rollout_pool
+
+        sent = rollout_pool.sync_weights(strategy, actors, state["step"], cfg.rollout.sync_bucket_bytes)
+        if strategy.is_rank0:
+            print(f"rl: {len(actors)} rollout actor(s) hold weight version {state['step']} ({sent / 2**20:.2f} MiB "
+                  f"synced; every update sends the same in buckets of {cfg.rollout.sync_bucket_mb:g} MB)", flush=True)
     evaluate = len(config["heldout"]) > 0
     if evaluate and "before" not in state["heldout"]:
         state["heldout"]["before"] = _heldout(strategy, config, think, pad, eval_decoder)
@@ -188,6 +239,8 @@ def rl_loop(strategy, config: dict[str, Any]) -> dict[str, Any]:
             seconds["sync"] += time.perf_counter() - clock
             state["step"] += 1
             row = {**grpo.step_row(totals, state["step"]), **{f"time/{k}": v for k, v in seconds.items()}}
+            if "synced_bytes" in totals:  # rollout actors: bytes sent by the weight sync after this update
+                row["sync_bytes"] = totals["synced_bytes"]
             for phase, value in seconds.items():
                 state["timing"][phase] += value
             state["history"].append(row)
@@ -210,5 +263,6 @@ def rl_loop(strategy, config: dict[str, Any]) -> dict[str, Any]:
     timing = {phase: value / max(state["step"], 1) for phase, value in state["timing"].items()}
     summary = grpo.summarise(state["history"], state["heldout"], timing)
     summary.update({"export_dir": str(export_dir), "checkpoint_dir": checkpoint, "world_size": strategy.world_size,
-                    "log": state["history"]})
+                    "log": state["history"], "rollout_backend": cfg.rollout.backend if actors else "colocated",
+                    "synced_bytes": sum(row.get("sync_bytes", 0.0) for row in state["history"])})
     return summary

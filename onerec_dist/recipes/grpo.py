@@ -5,7 +5,8 @@ pure torch (no ray / deepspeed).
 One GRPO step on rank r (its B prompts; a group's G samples never leave the rank):
   1. ``PromptSampler``: the next B training users of this rank (a seeded permutation per epoch; its position is in
      every checkpoint);
-  2. ``sample_rationales``: each prompt (history prompt + <think>) repeated G times, ONE batched ``generate``
+  2. ``sample_rationales`` (on the worker with the actor's weights, or on a Ray rollout actor that holds a synced
+     copy: ``rl.rollout.backend``): each prompt (history prompt + <think>) repeated G times, ONE batched ``generate``
      (KV cache, temperature T) that stops a row at </think> or after ``max_think_tokens``; an unclosed row is
      force-closed and counted;
   3. ``rollout_rewards``: ONE batched constrained beam search (K beams, the catalogue's prefix index) over all B*G
@@ -14,7 +15,9 @@ One GRPO step on rank r (its B prompts; a group's G samples never leave the rank
   5. ``policy_batch``: prompt + rationale (+ </think> when the model wrote it), loss mask on the generated tokens
      only; old log-probs (actor, no grad) and reference log-probs (frozen reference) [N, T-1];
   6. ``grpo_loss`` (onerec_dist.rl.losses): clipped ratio + beta * k3 KL, summed per micro-batch; the loop divides by
-     the loss tokens of the global batch (token-mean, verl's loss_agg_mode) and steps the strategy.
+     the loss tokens of the global batch (token-mean, verl's loss_agg_mode) and steps the strategy;
+  7. rollout actors only: rank 0 streams the updated weights to them in buckets (LoRA: adapters only), all ranks
+     wait, so the next step samples from the new policy (onerec_dist/distributed/rollout_pool.py).
 With one update per rollout batch (as OneRec-Think), old == current weights, so the ratio is 1 at the update and the
 clip fraction 0; it becomes non-zero with ``rl.updates_per_rollout`` > 1.
 
@@ -47,6 +50,36 @@ class RLDebugConfig:
     shuffle_rewards: bool = False
 
 
+ROLLOUT_BACKENDS = ("colocated", "actors")
+
+
+@dataclass
+class RolloutConfig:
+    """``rl.rollout``: where rationales are sampled and rewarded. ``colocated``: on each worker with the actor's own
+    weights (no copy); ``actors``: on a pool of Ray rollout actors (onerec_dist/distributed/rollout_pool.py) that
+    receive the trained weights in buckets after every update (LoRA: the adapters only)."""
+
+    backend: Literal["colocated", "actors"] = "colocated"
+    num_actors: int = 1
+    num_gpus_per_actor: float = 0.0
+    num_cpus_per_actor: float = 0.0
+    sync_bucket_mb: float = 64.0
+
+    def __post_init__(self) -> None:
+        require(self.backend in ROLLOUT_BACKENDS, "rl.rollout.backend",
+                f"{self.backend!r} is not allowed; allowed values: {', '.join(ROLLOUT_BACKENDS)}")
+        require(self.num_actors >= 1, "rl.rollout.num_actors", f"{self.num_actors}: allowed values: >= 1")
+        require(self.num_gpus_per_actor >= 0, "rl.rollout.num_gpus_per_actor",
+                f"{self.num_gpus_per_actor}: allowed values: >= 0 (0 = the actor runs on CPU)")
+        require(self.num_cpus_per_actor >= 0, "rl.rollout.num_cpus_per_actor",
+                f"{self.num_cpus_per_actor}: allowed values: >= 0 (fractions allowed; 0 = share the cores)")
+        require(self.sync_bucket_mb > 0, "rl.rollout.sync_bucket_mb", f"{self.sync_bucket_mb}: allowed values: > 0")
+
+    @property
+    def sync_bucket_bytes(self) -> int:
+        return max(1, int(self.sync_bucket_mb * 2**20))
+
+
 @dataclass
 class RLConfig:
     """``rl`` (conf/rl/default.yaml documents every field). Paper defaults: G=16, K=32, lr 1e-5, KL 1e-3, clip 0.2."""
@@ -77,10 +110,13 @@ class RLConfig:
     seed: int = 0
     resume: str | None = None
     debug: RLDebugConfig = field(default_factory=RLDebugConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.debug, dict):
             self.debug = RLDebugConfig(**self.debug)
+        if isinstance(self.rollout, dict):
+            self.rollout = RolloutConfig(**self.rollout)
         require(self.group_size >= 2, "rl.group_size", f"{self.group_size}: group-relative advantages need G >= 2")
         require(self.beam_width >= 1, "rl.beam_width", "must be >= 1 (and <= the number of catalogue items)")
         for name in ("prompts_per_rank", "max_think_tokens", "max_prompt_length", "max_steps", "updates_per_rollout",
@@ -378,6 +414,7 @@ def run_rl(cfg, output_dir) -> dict[str, Any]:
     from onerec_dist.data.config import data_config
     from onerec_dist.data.splits import load_dataset, make_splits
     from onerec_dist.distributed.rl_worker import rl_loop
+    from onerec_dist.distributed.rollout_pool import rollout_actors
     from onerec_dist.distributed.worker_group import run_on_workers
     from onerec_dist.model_setup import model_config, semantic_ids_for_run
     from onerec_dist.sid.model_ids import copy_model_ids
@@ -402,10 +439,15 @@ def run_rl(cfg, output_dir) -> dict[str, Any]:
     trainer, ds = rl_engine_configs(cfg, rl)
     print(f"rl: GRPO G={rl.group_size} K={rl.beam_width}, {rl.prompts_per_rank} prompts x {trainer.num_workers} "
           f"worker(s), ZeRO-{ds.zero_stage}, {rl.max_steps} steps, reward {rl.reward}"
-          + (", rewards shuffled (control)" if rl.debug.shuffle_rewards else ""), flush=True)
+          + (", rewards shuffled (control)" if rl.debug.shuffle_rewards else "")
+          + (f", rollouts on {rl.rollout.num_actors} Ray actor(s)" if rl.rollout.backend == "actors" else ""),
+          flush=True)
     config = {"rl": rl, "model_dir": str(model_dir), "item_codes": np.asarray(item_codes), "train": train,
               "heldout": heldout, "output_dir": str(output_dir), "resume_dir": rl.resume}
-    summary = run_on_workers(rl_loop, config, trainer, ds, output_dir)[0]
+    # rl.rollout.backend=actors: the actors start (and load the model) before the workers; rank r uses r % n
+    with rollout_actors(rl, trainer, str(model_dir), np.asarray(item_codes)) as actors:
+        config["rollout_actors"] = actors
+        summary = run_on_workers(rl_loop, config, trainer, ds, output_dir)[0]
     copy_model_ids(model_dir, summary["export_dir"])
     summary.update({"semantic_ids": ids_source, "model": str(model_dir), "num_items": len(item_codes),
                     "shuffle_rewards": rl.debug.shuffle_rewards})
