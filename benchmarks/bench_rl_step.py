@@ -201,7 +201,10 @@ def main(argv=None) -> dict:
           f"{result['step_ours']['median']:.3f} s, TRL {result['step_trl']['median']:.3f} s -> "
           f"{result['speedup_step_vs_trl']:.2f}x; reward phase {result['speedup_reward_vs_trl']:.2f}x; "
           f"reward share of our step {result['reward_share_of_step']:.1%}")
-    run.finish(result, stem=f"bench_rl_step_{'gpu' if device == 'cuda' else 'cpu'}", out_dir=args.out_dir)
+    # the device's default size writes bench_rl_step_<device>.json; another size adds its name (…_cpu_quick.json)
+    default_size = "gpu" if device == "cuda" else "cpu"
+    stem = f"bench_rl_step_{default_size}" + ("" if size_name == default_size else f"_{size_name}")
+    run.finish(result, stem=stem, out_dir=args.out_dir)
     return result
 
 

@@ -28,6 +28,7 @@ BENCHMARKS = {  # name: (module in benchmarks/, extra argv)
     "training_small": ("bench_training", ["--preset", "small", "--tag", "small"]),
     "data": ("bench_data", []),
     "loss_memory": ("bench_loss_memory", []),
+    "rl_step": ("bench_rl_step", []),
 }
 
 
