@@ -13,10 +13,12 @@ import copy
 import itertools
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from onerec_dist.decoding.beam_search import ConstrainedDecoder
 from onerec_dist.models import build_tiny_model, build_tokenizer_from_corpus
@@ -25,6 +27,7 @@ from onerec_dist.recipes import grpo
 from onerec_dist.sid.prefix_index import PrefixIndex
 from onerec_dist.sid.tokens import ItemTokenizer, ItemTokenSpec
 from onerec_dist.sid.vocab import extend_vocabulary
+from onerec_dist.training.config import LoraSettings
 
 SIZES = [3, 4, 5]
 NUM_ITEMS = 20
@@ -104,15 +107,29 @@ def _prompts(tokenizer, think, codes, histories, targets):
 
 
 class LocalStrategy:
-    """DeepSpeedStrategy's interface on one process: identity collectives, plain AdamW."""
+    """DeepSpeedStrategy's interface on one process: identity collectives, plain AdamW. ``prepare_reference(None)``
+    is the strategy's own LoRA reference (the actor with its adapters disabled); a model is used as it is."""
 
     rank, world_size, is_rank0 = 0, 1, True
     device = torch.device("cpu")
+    trainer = SimpleNamespace(precision="fp32", weight_decay=0.0)
 
-    def __init__(self, model, lr: float):
+    def __init__(self, model=None, lr: float = 1e-3):
+        self.lr = lr
+        if model is not None:
+            self.prepare(model, [{"params": [p for p in model.parameters() if p.requires_grad]}])
+
+    def prepare(self, model, param_groups):
         self.engine = model
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                           weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(param_groups, lr=self.lr, weight_decay=0.0)
+        return model
+
+    def prepare_reference(self, model=None, dtype=None):
+        from onerec_dist.distributed.strategy import ReferencePolicy
+
+        if model is None:
+            return ReferencePolicy(self.engine, "disabled_adapters", torch.float32)
+        return model.eval().requires_grad_(False)
 
     def all_reduce(self, values):
         return values.detach().double().clone()
@@ -178,6 +195,96 @@ def test_one_step_changes_only_trainable_params_and_is_finite(world):
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed and not any(n.startswith("model.embed_tokens") for n in changed)   # frozen stays bit-identical
     assert all(torch.equal(p, before[n]) for n, p in reference.named_parameters())    # the reference never moves
+
+
+LORA = LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+
+
+def test_lora_steps_train_only_adapters_and_token_rows_against_the_base_model(world, tmp_path):
+    """rl.trainable=lora through the worker's prepare_policy, the trained world saved as the starting model.
+
+    peft starts every lora_B at 0 and the trainable token rows (``trainable_tokens_delta``) as copies of the base
+    rows, so at step 1 the actor is the loaded model and each k3 KL term to the reference (the actor with adapters
+    disabled) is exp(0) - 0 - 1 = 0. The first update moves lora_B (dL/dB = dL/dh (A x)^T != 0) and the token rows
+    the batch uses, not lora_A: dL/dA = B^T dL/dh x^T = 0 while B = 0, and
+    AdamW without weight decay does not move a parameter whose gradient is 0. Base weights never move. At step 2
+    the actor is no longer the base, so KL > 0; it would stay exactly 0 if the reference followed the actor."""
+    from onerec_dist.distributed.rl_worker import grpo_step, prepare_policy
+    from onerec_dist.distributed.rollout_pool import ADAPTER_MARKERS
+
+    model, tokenizer, item_tok, think, codes, users = world
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    cfg = grpo.RLConfig(group_size=8, beam_width=1, prompts_per_rank=3, max_think_tokens=1, lr=1e-2, max_steps=2,
+                        trainable="lora", lora=LORA)
+    config = {"rl": cfg, "model_dir": str(tmp_path / "model"), "train": users}
+    strategy = LocalStrategy(lr=cfg.lr)
+    engine, reference, tokenizer, think, item_tok = prepare_policy(strategy, config, NUM_ITEMS)
+    assert reference.kind == "disabled_adapters" and reference.module is engine   # no second model
+    probe = {"input_ids": torch.tensor([users.prompts[0]])}                                  # [1, P]
+    with torch.no_grad():
+        initial_logits = model.eval()(**probe).logits
+    before = {n: p.detach().clone() for n, p in engine.named_parameters()}
+    adapters = {n for n in before if any(marker in n for marker in ADAPTER_MARKERS)}
+    assert adapters == {n for n, p in engine.named_parameters() if p.requires_grad}       # peft froze the rest
+    lora_a, lora_b = ({n for n in adapters if f".{m}." in n} for m in ("lora_A", "lora_B"))
+    deltas = {n for n in adapters if "trainable_tokens_delta" in n}
+    # 2 layers x (q_proj, v_proj) each; one token delta (untied world: the input embedding only)
+    assert len(lora_a) == len(lora_b) == 2 * model.config.num_hidden_layers and len(deltas) == 1
+
+    decoder = ConstrainedDecoder(engine, item_tok, PrefixIndex.build(torch.as_tensor(codes), SIZES), 1, 1)
+    sampler = grpo.PromptSampler(len(users), cfg.prompts_per_rank, 0, 1, cfg.seed)
+    engine.train()
+    stats = []
+    for step in range(cfg.max_steps):
+        stats.append(grpo_step(strategy, engine, reference, config, think, tokenizer.pad_token_id, decoder, sampler,
+                               step)[0])
+        if step == 0:
+            after_one = {n: p.detach().clone() for n, p in engine.named_parameters()}
+    assert stats[0]["zero_spread_groups"] < stats[0]["groups"], "no reward spread: the test could not fail"
+    assert {n for n in before if not torch.equal(after_one[n], before[n])} == lora_b | deltas
+    after = dict(engine.named_parameters())
+    assert all(torch.equal(after[n].detach(), before[n]) for n in before if n not in adapters)   # base bit-identical
+    assert not any(torch.equal(after[n].detach(), before[n]) for n in lora_a)   # step 2: B != 0, A trains too
+    rows = [grpo.step_row(s, i + 1) for i, s in enumerate(stats)]
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-7) and rows[1]["kl"] > 1e-6
+    # the reference is still the starting model; the actor is not
+    engine.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reference(**probe).logits, initial_logits, rtol=0, atol=1e-6)
+        assert (engine(**probe).logits - initial_logits).abs().max() > 1e-3
+    # merged (what the export writes): of the embedding, only item / think token rows moved, <think> among them
+    merged = copy.deepcopy(engine).merge_and_unload()
+    moved = (merged.get_input_embeddings().weight != model.get_input_embeddings().weight).any(dim=1)   # [V]
+    assert think.begin_id in moved.nonzero().flatten().tolist()
+    assert set(moved.nonzero().flatten().tolist()) <= set(grpo.lora_token_rows(item_tok, think))
+    torch.testing.assert_close(merged.get_output_embeddings().weight, model.get_output_embeddings().weight,
+                               rtol=0, atol=0)   # untied head: no adapter, no token rows
+    with pytest.raises(ValueError, match="reference_dir is only for rl.trainable=full"):
+        prepare_policy(LocalStrategy(), {**config, "reference_dir": str(tmp_path / "model")}, NUM_ITEMS)
+
+
+def test_trainable_settings_are_validated(tmp_path):
+    from onerec_dist.cli import compose
+
+    with pytest.raises(ValueError, match="rl.trainable: 'qlora' is not allowed; allowed values: full, lora"):
+        grpo.RLConfig(trainable="qlora")
+    with pytest.raises(ValueError, match="rl.trainable='qlora' is not allowed; allowed values: 'full', 'lora'"):
+        grpo.rl_config({"trainable": "qlora"})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) rank in rl.lora"):
+        grpo.rl_config({"trainable": "lora", "lora": {"rank": 4}})
+    documented = grpo.rl_config(OmegaConf.to_container(compose([]).rl, resolve=True))     # conf/rl/default.yaml
+    assert documented.trainable == "full" and documented.lora == LoraSettings()
+    lora = grpo.RLConfig(trainable="lora")
+    grpo.check_engine(lora, zero_stage=2, precision="fp32")
+    grpo.check_engine(grpo.RLConfig(reference_dtype="bf16"), zero_stage=3, precision="fp32")   # full: any of both
+    with pytest.raises(ValueError, match="rl.trainable=lora contradicts deepspeed.zero_stage=3"):
+        grpo.check_engine(lora, zero_stage=3, precision="fp32")
+    with pytest.raises(ValueError, match="rl.reference_dtype='bf16' contradicts rl.trainable=lora.*allowed values: "
+                                         "null, 'fp32'"):
+        grpo.check_engine(grpo.RLConfig(trainable="lora", reference_dtype="bf16"), zero_stage=2, precision="fp32")
+    with pytest.raises(ValueError, match="rl.trainable=lora contradicts deepspeed.zero_stage=3"):   # before any load
+        grpo.run_rl(compose(["rl.trainable=lora", "deepspeed.zero_stage=3"]), tmp_path)
 
 
 def test_policy_batch_masks_generated_tokens_only():
@@ -419,3 +526,60 @@ def test_rollout_actors_repeat_the_colocated_run_and_hold_the_trained_weights(co
     total = 4 * sum(p.numel() for p in initial.values())
     assert [row["sync_bytes"] for row in summary["log"]] == [float(total)] * RUN_STEPS
     assert colocated["synced_bytes"] == 0
+
+
+@pytest.mark.slow
+def test_lora_run_on_rollout_actors_syncs_adapters_only_and_exports_the_merged_model(ray_local, world_state,
+                                                                                      tmp_path_factory):
+    """rl.trainable=lora on 2 ZeRO-2 workers with one rollout actor: the whole loop (prepare_policy, the disabled-
+    adapter reference, the adapters-only sync, the merged export). Step 1's KL is 0 (fresh adapters are the
+    identity), step 2's is not (the reference stays the base). Every sync sends exactly the adapter tensors (fp32: 4
+    bytes per element); the actor then holds the trained adapters, and merging them into the starting model gives
+    the export."""
+    import ray
+    from transformers import AutoModelForCausalLM
+
+    from onerec_dist.distributed.rl_worker import rl_loop
+    from onerec_dist.distributed.rollout_pool import rollout_actors, synced_names
+    from onerec_dist.distributed.worker_group import run_on_workers
+    from onerec_dist.training.config import DeepSpeedConfig, TrainerConfig
+    from onerec_dist.training.lora import wrap_lora
+
+    (model, tokenizer, item_tok, think, codes, users), _ = world_state
+    root = tmp_path_factory.mktemp("grpo_lora")
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    steps = 2
+    rl = grpo.RLConfig(group_size=4, beam_width=2, prompts_per_rank=2, max_think_tokens=2, max_steps=steps, lr=1e-2,
+                       heldout_users=0, trainable="lora", lora=LORA,
+                       rollout=grpo.RolloutConfig(backend="actors", num_actors=1, sync_bucket_mb=0.25))
+    trainer = TrainerConfig(num_workers=2, max_steps=steps, micro_batch_size=4, lr=1e-2, lr_schedule="constant",
+                            precision="fp32", weight_decay=0.0, checkpoint_every=0, resume="never",
+                            wandb={"mode": "disabled"})
+    config = {"rl": rl, "model_dir": str(root / "model"), "item_codes": codes, "train": users,
+              "heldout": users.take([]), "output_dir": str(root / "run")}
+    with rollout_actors(rl, trainer, config["model_dir"], codes) as actors:
+        summary = run_on_workers(rl_loop, {**config, "rollout_actors": actors}, trainer,
+                                 DeepSpeedConfig(zero_stage=2), root / "run")[0]
+        held = ray.get(actors[0].named_weights.remote())
+        version = ray.get(actors[0].weight_version.remote())
+
+    local = wrap_lora(copy.deepcopy(model), LORA, grpo.lora_token_rows(item_tok, think))   # the workers' layout
+    adapters = synced_names(list(local.named_parameters()), adapters_only=True)
+    assert summary["steps"] == steps and version == steps
+    assert summary["log"][0]["kl"] == pytest.approx(0.0, abs=1e-7) and summary["log"][-1]["kl"] > 1e-6
+    adapter_bytes = 4 * sum(p.numel() for n, p in local.named_parameters() if n in adapters)
+    assert [row["sync_bytes"] for row in summary["log"]] == [float(adapter_bytes)] * steps
+    assert adapter_bytes < 4 * sum(p.numel() for p in model.parameters()) / 10
+    with torch.no_grad():
+        params = dict(local.named_parameters())
+        for name in adapters:
+            params[name].copy_(held[name])
+    expected = dict(local.merge_and_unload().named_parameters())
+    exported = dict(AutoModelForCausalLM.from_pretrained(summary["export_dir"]).named_parameters())
+    assert set(exported) == set(expected)
+    for name, param in exported.items():
+        torch.testing.assert_close(param.detach(), expected[name].detach(), rtol=0, atol=1e-6)
+    initial = dict(model.named_parameters())
+    assert not torch.equal(exported["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])
+    assert torch.equal(exported["lm_head.weight"], initial["lm_head.weight"])   # untied head: never trained

@@ -15,6 +15,7 @@ from onerec_dist.distributed.rollout_pool import (RolloutPolicy, is_peft_model, 
                                                   weight_buckets)
 from onerec_dist.recipes import grpo
 from onerec_dist.sid.prefix_index import PrefixIndex
+from onerec_dist.training.config import LoraSettings
 
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 
@@ -61,12 +62,13 @@ def test_lora_filter_keeps_only_the_adapter_tensors():
     assert synced_names(listed, adapters_only=True) == [listed[1][0], listed[2][0], listed[3][0]]
 
 
-def _policy_and_world(tmp_path, lora=None):
+def _policy_and_world(tmp_path, trainable="full"):
     model, tokenizer, item_tok, think, codes, users = build_world()
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    cfg = grpo.RLConfig(group_size=2, beam_width=2, prompts_per_rank=2, max_think_tokens=4)
-    policy = RolloutPolicy(str(tmp_path / "model"), cfg, codes, "fp32", lora=lora)
+    cfg = grpo.RLConfig(group_size=2, beam_width=2, prompts_per_rank=2, max_think_tokens=4, trainable=trainable,
+                        lora=LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    policy = RolloutPolicy(str(tmp_path / "model"), cfg, codes, "fp32")
     return policy, (model, tokenizer, item_tok, think, codes, users), cfg
 
 
@@ -118,21 +120,27 @@ def test_actor_rollout_equals_the_colocated_one_and_follows_synced_weights(tmp_p
 
 
 def test_lora_sync_sends_adapters_only_and_reproduces_the_trained_policy(tmp_path):
-    from peft import LoraConfig, get_peft_model
+    """rl.trainable=lora: the actor wraps its policy as the workers do (wrap_lora with rl.lora and the item / think
+    token rows), so the trained adapters and token deltas load by name and nothing else is sent."""
+    from onerec_dist.training.lora import wrap_lora
 
-    policy, world, cfg = _policy_and_world(tmp_path, lora=LORA)
-    base = world[0]
+    policy, world, cfg = _policy_and_world(tmp_path, trainable="lora")
+    base, item_tok, think = world[0], world[2], world[3]
+    assert is_peft_model(policy.model)
     torch.manual_seed(3)
-    trained = get_peft_model(copy.deepcopy(base), LoraConfig(**LORA))
-    with torch.no_grad():  # trained adapters: lora_B != 0 (peft starts it at 0), lora_A differs from the actor's
+    trained = wrap_lora(copy.deepcopy(base), cfg.lora, grpo.lora_token_rows(item_tok, think))
+    with torch.no_grad():  # "trained": lora_B != 0 (peft starts it at 0), token rows unlike the base rows
         for name, p in trained.named_parameters():
-            if "lora_" in name:
+            if p.requires_grad:
                 p.copy_(torch.randn_like(p) * 0.3)
     named = list(trained.named_parameters())
     names = synced_names(named, adapters_only=is_peft_model(trained))
+    assert any("trainable_tokens_delta" in n for n in names) and any(".lora_B." in n for n in names)
+    assert set(names) == {n for n, p in named if p.requires_grad}
     sent = sum(tensor_bytes(p) for n, p in named if n in names)
     everything = sum(tensor_bytes(p) for _, p in named)
-    assert 0 < sent < everything / 10   # adapters of r=4 on two projections: a small share of the model
+    # adapters of r=4 on two projections and the item / think token rows: a small share of the model
+    assert 0 < sent < everything / 10
     for bucket in weight_buckets(((n, p.detach()) for n, p in named if n in names), 4096):
         policy.load_bucket(dict(bucket))
     policy.commit(1, len(names))

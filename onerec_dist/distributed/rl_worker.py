@@ -11,6 +11,8 @@ Rollouts (``rl.rollout.backend``):
     (``rollout_pool.sync_weights``; LoRA: adapters only) and all ranks wait at a barrier, so no rank samples from
     stale weights; the ``sync`` phase then also holds the weight copy, and ``sync_bytes`` is logged per step.
     Held-out evaluation stays on the workers. A run (also a resumed one) first syncs the actors to its weights.
+What trains (``rl.trainable``, ``prepare_policy``): all weights against a frozen copy, or LoRA adapters plus the item /
+think token rows against the actor with its adapters disabled (no second model; the export merges the adapters).
 Every phase is timed (rollout, reward, reference, update, sync). Checkpoints (``rl.checkpoint_every``) hold the
 DeepSpeed state plus the reward history, the prompt sampler's position and the RNG states (strategy.save_checkpoint);
 the sampling seed of a step is a function of (rl.seed, step, rank), so a resumed run draws the uninterrupted run's
@@ -41,22 +43,43 @@ def load_policy(model_dir: str, dtype: str):
     return load_pretrained(model_dir, "auto", {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype, "auto"))
 
 
-def _build(strategy, config: dict[str, Any]):
-    """Actor engine, reference, tokenizer, think tokens, decoders."""
-    from onerec_dist.decoding.beam_search import ConstrainedDecoder
-    from onerec_dist.sid.prefix_index import PrefixIndex
+def prepare_policy(strategy, config: dict[str, Any], num_items: int):
+    """(actor engine, reference, tokenizer, think tokens, item tokenizer) of ``config["model_dir"]``.
+
+    rl.trainable=full: every weight trains; the reference is a second, frozen load of the starting model
+    (``config["reference_dir"]`` when given), hosted by the strategy (ZeRO-3: its own partitioned engine).
+    rl.trainable=lora: the loaded policy gets LoRA adapters and trainable item / think token rows
+    (training/lora.wrap_lora, as CoT SFT) before ``strategy.prepare``; the reference is the actor with its adapters
+    disabled (``prepare_reference(None)``), i.e. exactly the loaded model, and no second model is loaded."""
     from onerec_dist.sid.tokens import ItemTokenizer
     from onerec_dist.training.engine_api import default_param_groups
+    from onerec_dist.training.lora import lora_param_groups, wrap_lora
 
     cfg: grpo.RLConfig = config["rl"]
-    item_codes = torch.as_tensor(config["item_codes"], dtype=torch.long)                     # [I, L]
     model, tokenizer = load_policy(config["model_dir"], strategy.trainer.precision)
-    think, item_tok = grpo.check_policy(tokenizer, ItemTokenizer.from_tokenizer, len(item_codes), cfg)
+    think, item_tok = grpo.check_policy(tokenizer, ItemTokenizer.from_tokenizer, num_items, cfg)
+    if cfg.trainable == "lora":
+        if config.get("reference_dir"):
+            raise ValueError("rl.trainable=lora: the reference is the actor with its adapters disabled (the loaded "
+                             "model); a separate reference_dir is only for rl.trainable=full")
+        model = wrap_lora(model, cfg.lora, grpo.lora_token_rows(item_tok, think))
+        engine = strategy.prepare(model, lora_param_groups(model, strategy.trainer.weight_decay))
+        return engine, strategy.prepare_reference(None, cfg.reference_dtype), tokenizer, think, item_tok
     reference_model, _ = load_policy(config.get("reference_dir") or config["model_dir"], strategy.trainer.precision)
     grpo.check_reference(model, reference_model)
     model.requires_grad_(True)
     engine = strategy.prepare(model, default_param_groups(model, strategy.trainer.weight_decay))
-    reference = strategy.prepare_reference(reference_model, cfg.reference_dtype)
+    return engine, strategy.prepare_reference(reference_model, cfg.reference_dtype), tokenizer, think, item_tok
+
+
+def _build(strategy, config: dict[str, Any]):
+    """Actor engine, reference, tokenizer, think tokens, decoders."""
+    from onerec_dist.decoding.beam_search import ConstrainedDecoder
+    from onerec_dist.sid.prefix_index import PrefixIndex
+
+    cfg: grpo.RLConfig = config["rl"]
+    item_codes = torch.as_tensor(config["item_codes"], dtype=torch.long)                     # [I, L]
+    engine, reference, tokenizer, think, item_tok = prepare_policy(strategy, config, len(item_codes))
     index = PrefixIndex.build(item_codes, item_tok.codebook_sizes)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     module = getattr(engine, "module", engine)

@@ -15,8 +15,9 @@ its weights include); a rollout asked for another version fails instead of sampl
 
 What a sync sends (``synced_names``): the parameters the optimizer changes (``requires_grad``); for a LoRA (peft)
 policy only the adapter tensors (peft's names: ``lora_A`` / ``lora_B`` ..., trainable tokens, modules_to_save):
-the base weights the actor loaded never change. The actor must then be a peft model with the same adapters
-(``RolloutPolicy(lora=...)``).
+the base weights the actor loaded never change. The actor is then a peft model with the same adapters: with
+``rl.trainable=lora`` it wraps its policy exactly as the workers do (``training.lora.wrap_lora`` with ``rl.lora`` and
+the item / think token rows), so the names match.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import contextlib
 import math
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import numpy as np
 import torch
@@ -74,11 +74,11 @@ def weight_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_byt
 # ---------------------------------------------------------------------------------------------- the actor
 class RolloutPolicy:
     """One rollout actor's state: the policy loaded from ``model_dir`` (eval mode, no grad), the reward decoder the
-    workers build, and the weight version. ``lora``: peft ``LoraConfig`` keyword arguments when the trained actor
-    is a LoRA model (its adapters are then what ``load_bucket`` receives)."""
+    workers build, and the weight version. With ``rl.trainable=lora`` the policy carries the workers' LoRA adapters
+    (``rl.lora``; fresh, i.e. the identity, until the first sync), which are then what ``load_bucket`` receives."""
 
     def __init__(self, model_dir: str, rl: grpo.RLConfig, item_codes: np.ndarray, precision: str = "fp32",
-                 use_gpu: bool = False, threads: int = 1, lora: dict[str, Any] | None = None):
+                 use_gpu: bool = False, threads: int = 1):
         from onerec_dist.distributed.rl_worker import load_policy, reward_decoder
         from onerec_dist.sid.prefix_index import PrefixIndex
         from onerec_dist.sid.tokens import ItemTokenizer
@@ -89,10 +89,10 @@ class RolloutPolicy:
         codes = torch.as_tensor(item_codes, dtype=torch.long)                                   # [I, L]
         model, tokenizer = load_policy(model_dir, precision)
         self.think, item_tok = grpo.check_policy(tokenizer, ItemTokenizer.from_tokenizer, len(codes), rl)
-        if lora is not None:
-            from peft import LoraConfig, get_peft_model
+        if rl.trainable == "lora":
+            from onerec_dist.training.lora import wrap_lora
 
-            model = get_peft_model(model, LoraConfig(**lora))
+            model = wrap_lora(model, rl.lora, grpo.lora_token_rows(item_tok, self.think))
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.params = dict(self.model.named_parameters())
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -130,7 +130,7 @@ class RolloutPolicy:
         unknown = sorted(set(bucket) - set(self.params))
         if unknown:
             raise ValueError(f"rollout actor's policy has no parameter(s) {unknown[:3]}: it must be built like the "
-                             "trained actor (same model; for LoRA the same adapters: RolloutPolicy(lora=...))")
+                             "trained actor (same model; for LoRA the same rl.trainable / rl.lora)")
         with torch.no_grad():
             for name, tensor in bucket.items():
                 param = self.params[name]
@@ -172,10 +172,10 @@ def check_pool_resources(rollout: grpo.RolloutConfig, trainer, cpus: float, gpus
 
 
 @contextlib.contextmanager
-def rollout_actors(rl: grpo.RLConfig, trainer, model_dir: str, item_codes: np.ndarray,
-                   lora: dict[str, Any] | None = None) -> Iterator[list | None]:
+def rollout_actors(rl: grpo.RLConfig, trainer, model_dir: str, item_codes: np.ndarray) -> Iterator[list | None]:
     """The rollout actors of ``rl.rollout`` (None for the colocated backend), started on the Ray session the
-    workers will use and loaded before this yields; killed on exit (and a Ray this call started is stopped)."""
+    workers will use and loaded before this yields; killed on exit (and a Ray this call started is stopped).
+    ``rl`` carries ``trainable`` / ``lora``, so a LoRA run's actors hold the same adapters and receive only them."""
     if rl.rollout.backend != "actors":
         yield None
         return
@@ -197,7 +197,7 @@ def rollout_actors(rl: grpo.RLConfig, trainer, model_dir: str, item_codes: np.nd
                                                          num_gpus=settings.num_gpus_per_actor)
         threads = max(1, math.ceil(settings.num_cpus_per_actor))
         actors = [remote_class.remote(model_dir, rl, item_codes, trainer.precision,
-                                      settings.num_gpus_per_actor > 0, threads, lora)
+                                      settings.num_gpus_per_actor > 0, threads)
                   for _ in range(settings.num_actors)]
         ray.get([actor.weight_version.remote() for actor in actors])  # loaded; a load error surfaces here
         yield actors

@@ -38,6 +38,7 @@ from onerec_dist.config import require
 from onerec_dist.rl.advantages import ADVANTAGE_ESTIMATORS
 from onerec_dist.rl.losses import LOSS_AGG_MODES, entropy_from_logits, token_logprobs
 from onerec_dist.rl.rewards import MISSING_CODE, REWARDS, compute_reward, level_matches
+from onerec_dist.training.config import LoraSettings
 
 RL_TASK = "grpo"  # the one task name of the RL loop's logs
 
@@ -51,6 +52,7 @@ class RLDebugConfig:
 
 
 ROLLOUT_BACKENDS = ("colocated", "actors")
+TRAINABLE = ("full", "lora")
 
 
 @dataclass
@@ -82,7 +84,9 @@ class RolloutConfig:
 
 @dataclass
 class RLConfig:
-    """``rl`` (conf/rl/default.yaml documents every field). Paper defaults: G=16, K=32, lr 1e-5, KL 1e-3, clip 0.2."""
+    """``rl`` (conf/rl/default.yaml documents every field). Paper defaults: G=16, K=32, lr 1e-5, KL 1e-3, clip 0.2.
+    ``trainable``: full (all weights; the reference is a frozen copy) | lora (``lora`` adapters + the item- and
+    think-token rows; the reference is the actor with its adapters disabled, no copy)."""
 
     group_size: int = 16
     beam_width: int = 32
@@ -109,6 +113,8 @@ class RLConfig:
     checkpoint_every: int = 0
     seed: int = 0
     resume: str | None = None
+    trainable: Literal["full", "lora"] = "full"
+    lora: LoraSettings = field(default_factory=LoraSettings)
     debug: RLDebugConfig = field(default_factory=RLDebugConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
@@ -117,6 +123,10 @@ class RLConfig:
             self.debug = RLDebugConfig(**self.debug)
         if isinstance(self.rollout, dict):
             self.rollout = RolloutConfig(**self.rollout)
+        if isinstance(self.lora, dict):
+            self.lora = LoraSettings(**self.lora)
+        require(self.trainable in TRAINABLE, "rl.trainable",
+                f"{self.trainable!r} is not allowed; allowed values: {', '.join(TRAINABLE)}")
         require(self.group_size >= 2, "rl.group_size", f"{self.group_size}: group-relative advantages need G >= 2")
         require(self.beam_width >= 1, "rl.beam_width", "must be >= 1 (and <= the number of catalogue items)")
         for name in ("prompts_per_rank", "max_think_tokens", "max_prompt_length", "max_steps", "updates_per_rollout",
@@ -155,6 +165,19 @@ def rl_config(mapping: dict) -> RLConfig:
     from onerec_dist.config import from_mapping
 
     return from_mapping(RLConfig, mapping, "rl")
+
+
+def check_engine(rl: RLConfig, zero_stage: int, precision: str) -> None:
+    """ValueError for RL settings the engine cannot run together (checked by the driver, before any worker)."""
+    if rl.trainable != "lora":
+        return
+    if zero_stage == 3:  # as reason_sft refuses it
+        raise ValueError("rl.trainable=lora contradicts deepspeed.zero_stage=3 (a ZeRO-3-partitioned LoRA model "
+                         "cannot be merged for export); use deepspeed.zero_stage=0, 1 or 2 with LoRA")
+    if rl.reference_dtype not in (None, precision):
+        raise ValueError(f"rl.reference_dtype={rl.reference_dtype!r} contradicts rl.trainable=lora: the reference "
+                         f"is the actor itself with its adapters disabled, in trainer.precision={precision!r}; "
+                         f"allowed values: null, {precision!r}")
 
 
 # ---------------------------------------------------------------------------------------------- the task
@@ -222,8 +245,16 @@ def check_policy(tokenizer, item_tokenizer_fn, num_items: int, cfg: RLConfig):
     return think, item_tok
 
 
+def lora_token_rows(item_tok, think) -> list[int]:
+    """Embedding rows that train beside the LoRA adapters (rl.trainable=lora): the item tokens and <think> /
+    </think>, as in CoT SFT (recipes/reason_sft.py): tokens new to the base model."""
+    return item_tok.item_token_ids().tolist() + [think.begin_id, think.end_id]
+
+
 def check_reference(actor: torch.nn.Module, reference: torch.nn.Module) -> None:
-    """ValueError unless ``reference`` has the actor's parameter names and shapes (same architecture, vocabulary)."""
+    """ValueError unless ``reference`` has the actor's parameter names and shapes (same architecture, vocabulary).
+    For a separate reference (rl.trainable=full); a LoRA run's reference is the actor itself with its adapters
+    disabled, so there is nothing to compare."""
     def shapes(model):
         return {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
 
@@ -421,6 +452,8 @@ def run_rl(cfg, output_dir) -> dict[str, Any]:
     from onerec_dist.sid.tokens import ItemTokenizer
 
     rl = rl_config(OmegaConf.to_container(cfg.rl, resolve=True) if "rl" in cfg else {})
+    trainer, ds = rl_engine_configs(cfg, rl)
+    check_engine(rl, ds.zero_stage, trainer.precision)
     model_dir = model_config(cfg).name_or_path
     if not model_dir:
         raise ValueError("onerec rl starts from the CoT SFT model: set model.name_or_path to the reason_sft export "
@@ -436,9 +469,8 @@ def run_rl(cfg, output_dir) -> dict[str, Any]:
     valid = splits.get("valid")
     heldout = prompt_set(tokenizer, think, item_codes, valid, rl.max_prompt_length, rl.heldout_users) \
         if valid is not None and rl.heldout_users else train.take([])
-    trainer, ds = rl_engine_configs(cfg, rl)
     print(f"rl: GRPO G={rl.group_size} K={rl.beam_width}, {rl.prompts_per_rank} prompts x {trainer.num_workers} "
-          f"worker(s), ZeRO-{ds.zero_stage}, {rl.max_steps} steps, reward {rl.reward}"
+          f"worker(s), ZeRO-{ds.zero_stage}, {rl.trainable}, {rl.max_steps} steps, reward {rl.reward}"
           + (", rewards shuffled (control)" if rl.debug.shuffle_rewards else "")
           + (f", rollouts on {rl.rollout.num_actors} Ray actor(s)" if rl.rollout.backend == "actors" else ""),
           flush=True)
@@ -450,7 +482,7 @@ def run_rl(cfg, output_dir) -> dict[str, Any]:
         summary = run_on_workers(rl_loop, config, trainer, ds, output_dir)[0]
     copy_model_ids(model_dir, summary["export_dir"])
     summary.update({"semantic_ids": ids_source, "model": str(model_dir), "num_items": len(item_codes),
-                    "shuffle_rewards": rl.debug.shuffle_rewards})
+                    "shuffle_rewards": rl.debug.shuffle_rewards, "trainable": rl.trainable})
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"rl: reward {summary['reward_first10']:.4f} (first 10 steps) -> {summary['reward_last10']:.4f} "
           f"(last 10); kl_max {summary['kl_max']:.3g}; held-out {summary['heldout']}", flush=True)

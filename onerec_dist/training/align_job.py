@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from onerec_dist.training.config import LoraSettings
+from onerec_dist.training.lora import lora_param_groups, wrap_lora
 from onerec_dist.training.engine_api import (
     LossOutput,
     StepContext,
@@ -47,19 +48,9 @@ class AlignJob:
 
         model, tokenizer = load_pretrained(self.init_dir, "auto", torch.float32)
         if self.trainable == "lora":
-            model = self._wrap_lora(model)
+            model = wrap_lora(model, self.lora, self.item_token_ids)
         self._tokenizer = tokenizer
         return model.train(), tokenizer
-
-    def _wrap_lora(self, model):
-        from peft import LoraConfig, get_peft_model
-
-        embed = model.get_input_embeddings()
-        embed_name = next(name for name, module in model.named_modules() if module is embed).split(".")[-1]
-        config = LoraConfig(r=self.lora.r, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout,
-                            target_modules=list(self.lora.target_modules),
-                            trainable_token_indices={embed_name: list(self.item_token_ids)})
-        return get_peft_model(model, config)
 
     def step_source(self, ctx: StepContext) -> StepSource:
         from onerec_dist.training.shards import ShardedExamples
@@ -103,7 +94,7 @@ class AlignJob:
         if self.trainable == "full":
             return default_param_groups(model, weight_decay)
         if self.trainable == "lora":  # peft already froze the base model
-            return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+            return lora_param_groups(model, weight_decay)
         for param in model.parameters():
             param.requires_grad_(False)
         rows = torch.tensor(self.item_token_ids)
