@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from onerec_dist.decoding.beam_search import ConstrainedDecoder
 from onerec_dist.models import build_tiny_model, build_tokenizer_from_corpus
-from onerec_dist.reasoning.cot_format import add_think_tokens, close_think
+from onerec_dist.reasoning.cot_format import add_think_tokens, close_think, new_token_rows
 from onerec_dist.recipes import grpo
 from onerec_dist.sid.prefix_index import PrefixIndex
 from onerec_dist.sid.tokens import ItemTokenizer, ItemTokenSpec
@@ -257,7 +257,7 @@ def test_lora_steps_train_only_adapters_and_token_rows_against_the_base_model(wo
     merged = copy.deepcopy(engine).merge_and_unload()
     moved = (merged.get_input_embeddings().weight != model.get_input_embeddings().weight).any(dim=1)   # [V]
     assert think.begin_id in moved.nonzero().flatten().tolist()
-    assert set(moved.nonzero().flatten().tolist()) <= set(grpo.lora_token_rows(item_tok, think))
+    assert set(moved.nonzero().flatten().tolist()) <= set(new_token_rows(item_tok, think))
     torch.testing.assert_close(merged.get_output_embeddings().weight, model.get_output_embeddings().weight,
                                rtol=0, atol=0)   # untied head: no adapter, no token rows
     with pytest.raises(ValueError, match="reference_dir is only for rl.trainable=full"):
@@ -564,7 +564,7 @@ def test_lora_run_on_rollout_actors_syncs_adapters_only_and_exports_the_merged_m
         held = ray.get(actors[0].named_weights.remote())
         version = ray.get(actors[0].weight_version.remote())
 
-    local = wrap_lora(copy.deepcopy(model), LORA, grpo.lora_token_rows(item_tok, think))   # the workers' layout
+    local = wrap_lora(copy.deepcopy(model), LORA, new_token_rows(item_tok, think))   # the workers' layout
     adapters = synced_names(list(local.named_parameters()), adapters_only=True)
     assert summary["steps"] == steps and version == steps
     assert summary["log"][0]["kl"] == pytest.approx(0.0, abs=1e-7) and summary["log"][-1]["kl"] > 1e-6

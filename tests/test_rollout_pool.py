@@ -13,6 +13,7 @@ from test_grpo import SIZES, build_world
 from onerec_dist.distributed.rl_worker import reward_decoder, rollout_phase
 from onerec_dist.distributed.rollout_pool import (RolloutPolicy, is_peft_model, synced_names, tensor_bytes,
                                                   weight_buckets)
+from onerec_dist.reasoning.cot_format import new_token_rows
 from onerec_dist.recipes import grpo
 from onerec_dist.sid.prefix_index import PrefixIndex
 from onerec_dist.training.config import LoraSettings
@@ -128,7 +129,7 @@ def test_lora_sync_sends_adapters_only_and_reproduces_the_trained_policy(tmp_pat
     base, item_tok, think = world[0], world[2], world[3]
     assert is_peft_model(policy.model)
     torch.manual_seed(3)
-    trained = wrap_lora(copy.deepcopy(base), cfg.lora, grpo.lora_token_rows(item_tok, think))
+    trained = wrap_lora(copy.deepcopy(base), cfg.lora, new_token_rows(item_tok, think))
     with torch.no_grad():  # "trained": lora_B != 0 (peft starts it at 0), token rows unlike the base rows
         for name, p in trained.named_parameters():
             if p.requires_grad:

@@ -51,6 +51,7 @@ def prepare_policy(strategy, config: dict[str, Any], num_items: int):
     rl.trainable=lora: the loaded policy gets LoRA adapters and trainable item / think token rows
     (training/lora.wrap_lora, as CoT SFT) before ``strategy.prepare``; the reference is the actor with its adapters
     disabled (``prepare_reference(None)``), i.e. exactly the loaded model, and no second model is loaded."""
+    from onerec_dist.reasoning.cot_format import new_token_rows
     from onerec_dist.sid.tokens import ItemTokenizer
     from onerec_dist.training.engine_api import default_param_groups
     from onerec_dist.training.lora import lora_param_groups, wrap_lora
@@ -62,7 +63,7 @@ def prepare_policy(strategy, config: dict[str, Any], num_items: int):
         if config.get("reference_dir"):
             raise ValueError("rl.trainable=lora: the reference is the actor with its adapters disabled (the loaded "
                              "model); a separate reference_dir is only for rl.trainable=full")
-        model = wrap_lora(model, cfg.lora, grpo.lora_token_rows(item_tok, think))
+        model = wrap_lora(model, cfg.lora, new_token_rows(item_tok, think))
         engine = strategy.prepare(model, lora_param_groups(model, strategy.trainer.weight_decay))
         return engine, strategy.prepare_reference(None, cfg.reference_dtype), tokenizer, think, item_tok
     reference_model, _ = load_policy(config.get("reference_dir") or config["model_dir"], strategy.trainer.precision)

@@ -90,9 +90,10 @@ class RolloutPolicy:
         model, tokenizer = load_policy(model_dir, precision)
         self.think, item_tok = grpo.check_policy(tokenizer, ItemTokenizer.from_tokenizer, len(codes), rl)
         if rl.trainable == "lora":
+            from onerec_dist.reasoning.cot_format import new_token_rows
             from onerec_dist.training.lora import wrap_lora
 
-            model = wrap_lora(model, rl.lora, grpo.lora_token_rows(item_tok, self.think))
+            model = wrap_lora(model, rl.lora, new_token_rows(item_tok, self.think))
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.params = dict(self.model.named_parameters())
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -77,6 +77,13 @@ class ThinkTokens:
         return tokenizer.encode(_body_text(rationale), add_special_tokens=False)
 
 
+def new_token_rows(item_tok, think: ThinkTokens) -> list[int]:
+    """Embedding rows of the tokens the base model never saw: the item tokens, <think> and </think>. They train
+    beside the LoRA adapters (CoT SFT and GRPO with trainable=lora): a low-rank update of the projections alone
+    cannot give them meaning."""
+    return item_tok.item_token_ids().tolist() + [think.begin_id, think.end_id]
+
+
 def add_think_tokens(model, tokenizer, noise_std: float = 0.02, pad_to_multiple_of: int = 64,
                      seed: int = 0) -> ThinkTokens:
     """Add <think> / </think> to ``tokenizer`` and ``model`` (in place) unless the tokenizer has both already.

@@ -245,12 +245,6 @@ def check_policy(tokenizer, item_tokenizer_fn, num_items: int, cfg: RLConfig):
     return think, item_tok
 
 
-def lora_token_rows(item_tok, think) -> list[int]:
-    """Embedding rows that train beside the LoRA adapters (rl.trainable=lora): the item tokens and <think> /
-    </think>, as in CoT SFT (recipes/reason_sft.py): tokens new to the base model."""
-    return item_tok.item_token_ids().tolist() + [think.begin_id, think.end_id]
-
-
 def check_reference(actor: torch.nn.Module, reference: torch.nn.Module) -> None:
     """ValueError unless ``reference`` has the actor's parameter names and shapes (same architecture, vocabulary).
     For a separate reference (rl.trainable=full); a LoRA run's reference is the actor itself with its adapters

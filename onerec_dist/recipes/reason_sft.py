@@ -122,7 +122,7 @@ def run_sft(cfg, output_dir: Path) -> dict:
     """CoT SFT into ``output_dir`` (module docstring); the engine's summary plus the data statistics."""
     from onerec_dist.distributed import run_training
     from onerec_dist.reasoning.bootstrap import read_rationales
-    from onerec_dist.reasoning.cot_format import NOTHINK_TASK
+    from onerec_dist.reasoning.cot_format import NOTHINK_TASK, new_token_rows
     from onerec_dist.reasoning.sft_data import cot_sft_examples
     from onerec_dist.training.align_job import AlignJob
     from onerec_dist.training.shards import write_examples
@@ -158,8 +158,7 @@ def run_sft(cfg, output_dir: Path) -> dict:
     data_dir = output_dir / "data"
     write_examples(examples, data_dir)
     del examples
-    trainable_rows = item_tok.item_token_ids().tolist() + [think.begin_id, think.end_id]
-    job = AlignJob(str(init_dir), sft.trainable, str(data_dir), trainable_rows,
+    job = AlignJob(str(init_dir), sft.trainable, str(data_dir), new_token_rows(item_tok, think),
                    sft.lora if sft.trainable == "lora" else None)
     summary = run_training(job, trainer_cfg, ds_cfg, output_dir)
     summary.pop("log", None)
