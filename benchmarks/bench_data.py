@@ -20,8 +20,9 @@ names. Both paths hold exactly the same examples; the pickled path keeps them as
 examples today.
 
 A pickled run whose memory, extrapolated from the previous (smaller) size (its excess over the shards run there
-grows linearly, the rest stays), would exceed --max-memory-frac of this machine's RAM is skipped and the extrapolation recorded instead (a 1M-example pickled run needs tens of GB:
-the driver's lists plus one unpickled copy per worker).
+grows linearly, the rest stays), would exceed --max-memory-frac of this machine's RAM is skipped and the
+extrapolation recorded instead (a 1M-example pickled run needs tens of GB: the driver's lists plus one unpickled
+copy per worker).
 
     python benchmarks/bench_data.py --quick                  # 10k and 1M examples, both paths, 2 workers
     python benchmarks/bench_data.py                          # 100k and 1M, 5 repeats

@@ -107,8 +107,7 @@ def _launch(entry, loop_config: dict[str, Any], trainer: TrainerConfig, storage:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
-    started_ray = _ensure_ray(trainer)
+    started_ray = ensure_training_ray(trainer)
     try:
         resources = ray.cluster_resources()
         check_resources(trainer, gpus=resources.get("GPU", 0.0), cpus=resources.get("CPU", 0.0))
@@ -138,8 +137,11 @@ def _train_worker_sequence_entry(config: dict[str, Any]) -> None:
     train_worker_sequence(config)
 
 
-def _ensure_ray(trainer: TrainerConfig) -> bool:
-    """Use, join or start Ray through the one session helper (ray_session); a local start is checked first.
+def ensure_training_ray(trainer: TrainerConfig) -> bool:
+    """Use, join or start the Ray that ``trainer``'s workers run on, through the one session helper (ray_session);
+    a local start is checked against the machine first. Everything started beside the workers (e.g. GRPO's rollout
+    actors, distributed/rollout_pool.py) comes through here too, so the Ray it starts is the workers' Ray: the
+    Ray Train health-check interval is set before the raylet inherits the environment.
 
     Returns True when this call connected (the caller shuts Ray down)."""
     import ray
@@ -147,6 +149,7 @@ def _ensure_ray(trainer: TrainerConfig) -> bool:
 
     from onerec_dist.distributed import ray_session
 
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
     if ray.is_initialized() or ray_session.session_address(trainer.ray_address):
         return ray_session.ensure_ray(trainer.ray_address)
     check_resources(trainer, gpus=torch.cuda.device_count(), cpus=os.cpu_count() or 1)  # fail before starting Ray

@@ -180,16 +180,12 @@ def rollout_actors(rl: grpo.RLConfig, trainer, model_dir: str, item_codes: np.nd
     if rl.rollout.backend != "actors":
         yield None
         return
-    import os
-
     import ray
 
     from onerec_dist.distributed import ray_job
 
     settings = rl.rollout
-    # this call may start the Ray the workers then join: give it the environment ray_job._launch would have
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", ray_job.HEALTH_CHECK_INTERVAL_S)
-    started = ray_job._ensure_ray(trainer)
+    started = ray_job.ensure_training_ray(trainer)  # the Ray the workers then join
     actors: list = []
     try:
         resources = ray.cluster_resources()
