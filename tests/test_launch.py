@@ -275,13 +275,24 @@ exit 0
 """
 
 
+# The script's node check (`python -c ... ADDRESS N`) passes only once N `ray start` steps have recorded themselves, as
+# the real check passes only once N nodes are alive: the steps run in the background, so without this the script could
+# finish before a worker's srun had written its record (seen once in CI).
+WAIT_STUB = """#!/bin/bash
+started=$(tr '\\036' '\\n' < "$CALLS" | grep -c $'ray\\x1fstart')
+(( started >= $4 )) || exit 1
+{ printf '%s\\x1f' "$(basename "$0")" "$3" "$4"; printf '\\x1e'; } >> "$CALLS"
+exit 0
+"""
+
+
 def test_sbatch_script_starts_head_then_workers_then_submits(tmp_path):
     # Run the rendered script with stub scontrol / srun / ray / python that record their arguments.
     plan = plan_for(SLURM_ARGV, tmp_path)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name in ("scontrol", "srun", "ray", "python"):
-        (bin_dir / name).write_text(STUB)
+        (bin_dir / name).write_text(WAIT_STUB if name == "python" else STUB)
         (bin_dir / name).chmod(stat.S_IRWXU)
     calls = tmp_path / "calls"
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "CALLS": str(calls), "SLURM_JOB_NUM_NODES": "3",
