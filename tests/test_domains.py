@@ -3,17 +3,21 @@ domain, decoding inside the domain's catalogue, per-domain metrics and ``rl.doma
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 
 import numpy as np
 import pytest
+import torch
 
 from onerec_dist.data.config import SyntheticConfig, SyntheticDomainConfig
 from onerec_dist.data.domains import check_domains, domain_name_by_user, has_domains, user_domain_indices
 from onerec_dist.data.synthetic import build_world, generate_synthetic, simulate_users
 from onerec_dist.data.synthetic_domains import build_domains, domain_configs, split_sizes
-from onerec_dist.data.types import InteractionData
+from onerec_dist.data.types import Catalogue, Examples, InteractionData
+from onerec_dist.decoding.domains import DomainPrefixes, domain_restriction, pure_prefix_levels
+from onerec_dist.metrics import per_domain_report, ranking_report
 
 SMALL = dict(num_users=40, num_items=80, min_seq_len=6, max_seq_len=10)  # 2 domains x 40 items x 20 users
 
@@ -103,3 +107,162 @@ def test_bad_domain_settings_name_the_field():
         SyntheticConfig(num_domains=2, domains=[SyntheticDomainConfig("A"), SyntheticDomainConfig("A")])
     with pytest.raises(ValueError, match=r"data.synthetic.num_items: 30 items over num_domains=2 .* >= 40"):
         generate_synthetic(SyntheticConfig(num_domains=2, num_items=30))  # 20 subcategories per domain
+
+
+# ---------------------------------------------------------------------------------------------- 2. prompts
+
+
+def tiny_two_domain_data() -> tuple[InteractionData, np.ndarray]:
+    """4 items; items 0, 1 in domain "Home", 2, 3 in "Garden"; u0 (Home) bought 0, 1, u1 (Garden) 2, 3.
+    Codes overlap across domains at level 1 (0 in both) and are unique in full."""
+    catalogue = Catalogue(["a", "b", "c", "d"], ["Kettle", "Pan", "Hose", "Rake"], [""] * 4, [""] * 4, [[]] * 4)
+    codes = np.array([[0, 1, 1], [1, 0, 2], [0, 1, 0], [2, 2, 2]])
+    data = InteractionData("tiny", catalogue, {"u0": [0, 1], "u1": [2, 3]}, domain_names=["Home", "Garden"],
+                           item_domains=np.array([0, 0, 1, 1]), user_domains={"u0": 0, "u1": 1})
+    return data, codes
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer_and_items():
+    from onerec_dist.models import build_tiny_model, build_tokenizer_from_corpus
+    from onerec_dist.sid.tokens import ItemTokenSpec
+    from onerec_dist.sid.vocab import extend_vocabulary
+
+    tokenizer = build_tokenizer_from_corpus(["The user has purchased, in order: Domain: Home Garden."] * 4,
+                                            vocab_size=300)
+    model = build_tiny_model(tokenizer, seed=0).eval()
+    item_tok = extend_vocabulary(model, tokenizer, ItemTokenSpec(3, 3), seed=0)
+    return tokenizer, model, item_tok
+
+
+def test_prompts_name_the_domain_only_when_there_are_several():
+    from onerec_dist.evaluation import build_prompts
+    from onerec_dist.prompts import next_item_question
+    from onerec_dist.training.tasks import sequential_preference
+
+    question = "The user has purchased, in order: {}. Which item will the user purchase next?"
+    assert next_item_question([]) == question.format("")  # single domain: the text of before
+    assert next_item_question([], "Home") == "Domain: Home.\n" + question.format("")
+    tokenizer, _, _ = tokenizer_and_items()
+    data, codes = tiny_two_domain_data()
+    train = Examples(["u0", "u1"], [[0], [2]], [1, 3])
+    texts = [tokenizer.decode(e.input_ids) for e in sequential_preference(data, train, codes, tokenizer,
+                                                                           max_length=256)]
+    item = "<|item_begin|><item_a_{}><item_b_{}><item_c_{}><|item_end|>"
+    assert texts[0].startswith("<|im_start|>user\nDomain: Home.\nThe user has purchased, in order: "
+                               + item.format(0, 1, 1) + ". Which item")
+    assert texts[1].startswith("<|im_start|>user\nDomain: Garden.\nThe user has purchased, in order: "
+                               + item.format(0, 1, 0) + ". Which item")
+    single = InteractionData("tiny", data.catalogue, data.sequences)  # the same users without domains
+    plain = [tokenizer.decode(e.input_ids) for e in sequential_preference(single, train, codes, tokenizer,
+                                                                           max_length=256)]
+    assert plain[0].startswith("<|im_start|>user\nThe user has purchased") and "Domain" not in plain[0] + plain[1]
+    assert build_prompts(tokenizer, train, codes) == build_prompts(tokenizer, train, codes, None)
+    named = build_prompts(tokenizer, train, codes, ["Home", "Garden"])
+    assert tokenizer.decode(named[1]).startswith("<|im_start|>user\nDomain: Garden.\n")
+
+
+def test_cot_prompts_name_the_domain():
+    from onerec_dist.reasoning.cot_format import add_think_tokens, inference_prompt, training_example
+    from onerec_dist.reasoning.sft_data import cot_sft_examples
+
+    tokenizer, model, item_tok = tokenizer_and_items()
+    import copy
+
+    tokenizer, model = copy.deepcopy(tokenizer), copy.deepcopy(model)
+    think = add_think_tokens(model, tokenizer, noise_std=0.0)
+    _, codes = tiny_two_domain_data()
+    plain = inference_prompt(tokenizer, think, codes, [0])
+    named = inference_prompt(tokenizer, think, codes, [0], domain="Home")
+    assert "Domain" not in tokenizer.decode(plain) and "Domain: Home.\n" in tokenizer.decode(named)
+    assert plain == inference_prompt(tokenizer, think, codes, [0], domain=None)
+    ids = item_tok.encode_with_boundaries(torch.as_tensor(codes[[1]]))[0].tolist()
+    example = training_example(tokenizer, think, codes, ids, [0], "why", 256, domain="Home")
+    assert example.input_ids[:len(named)] == named  # training and inference see the same prompt
+    records = [{"user": "u1", "history": [2], "target": 3, "rationale": "r"}]
+    [cot] = cot_sft_examples(records, codes, tokenizer, think, max_length=256, user_domains={"u1": "Garden"})
+    assert tokenizer.decode(cot.input_ids).startswith("<|im_start|>user\nDomain: Garden.\n")
+
+
+# ---------------------------------------------------------------------------------------------- 3. decoding
+
+
+def test_pure_prefix_level_is_the_smallest_exact_one():
+    _, codes = tiny_two_domain_data()
+    domains = torch.tensor([0, 0, 1, 1])
+    # Level 1: code 0 starts items of both domains -> impure. Level 2: prefixes (0,1), (1,0) | (0,1), (2,2):
+    # (0,1) is in both -> impure. Level 3 (full IDs, unique) -> m = 3.
+    assert pure_prefix_levels(torch.as_tensor(codes), domains) == 3
+    disjoint = torch.tensor([[0, 0], [0, 1], [1, 0], [2, 1]])  # first codes {0} | {1, 2}: m = 1
+    assert pure_prefix_levels(disjoint, domains) == 1
+    prefixes = DomainPrefixes.build(disjoint, domains)
+    assert prefixes.num_levels == 1 and [p.tolist() for p in prefixes.prefixes] == [[[0]], [[1], [2]]]
+    allowed = prefixes.allowed([1, -1, 0])
+    assert allowed.offsets.tolist() == [0, 2, 2, 3] and allowed.codes.tolist() == [[1], [2], [0]]
+    assert allowed.unrestricted.tolist() == [False, True, False]
+    with pytest.raises(ValueError, match="share a full semantic ID"):
+        pure_prefix_levels(torch.tensor([[0, 0], [0, 0]]), torch.tensor([0, 1]))
+
+
+def test_decoding_never_leaves_the_domain():
+    from onerec_dist.decoding.beam_search import ConstrainedDecoder
+    from onerec_dist.evaluation import decode_batches
+    from onerec_dist.sid.prefix_index import PrefixIndex
+
+    tokenizer, model, item_tok = tokenizer_and_items()
+    data, codes = tiny_two_domain_data()
+    index = PrefixIndex.build(torch.as_tensor(codes), [3, 3, 3])
+    decoder = ConstrainedDecoder(model, item_tok, index, 4, 4, pad_token_id=tokenizer.pad_token_id,
+                                 item_codes=torch.as_tensor(codes))
+    users = ["u0", "u1", "u1", "u0"]
+    restriction = domain_restriction(data, users, codes)
+    assert restriction.user_domains.tolist() == [0, 1, 1, 0] and restriction.prefixes.num_levels == 3
+    prompts = [tokenizer.encode(t) for t in ("Home", "Garden", "The user", "Domain")]
+    out = decoder.decode(prompts, allowed_prefixes=restriction.allowed(range(4)))
+    # Beam width 4 >= every domain's 2 items: each row returns exactly its domain's items, then empty slots (-1).
+    for row, user in enumerate(users):
+        items = out.items[row].tolist()
+        assert sorted(items[:2]) == ([0, 1] if user == "u0" else [2, 3]) and items[2:] == [-1, -1]
+    assert sorted(decoder.decode(prompts[:1]).items[0].tolist()) == [0, 1, 2, 3]  # unrestricted: all items
+    # decode_batches (onerec eval) with the restriction: the same per-row sets.
+    results = decode_batches(decoder, prompts, [[]] * 4, [[0, 1], [2, 3]], False, progress=False,
+                             restriction=restriction)
+    got = np.concatenate([results[0][0], results[1][0]])
+    assert all(set(row[row >= 0].tolist()) == ({0, 1} if u == "u0" else {2, 3}) for row, u in zip(got, users))
+    assert restriction.take([1]).allowed([0]).codes.tolist() == codes[[2, 3]].tolist()
+    assert restriction.repeat(2).user_domains.tolist() == [0, 0, 1, 1, 1, 1, 0, 0]
+    assert domain_restriction(InteractionData("one", data.catalogue, data.sequences), users, codes) is None
+
+
+# ---------------------------------------------------------------------------------------------- 4. metrics
+
+
+def test_per_domain_metrics_worked_example():
+    # 4 users, K = 2: A = users 0, 1; B = users 2, 3. Ranks of the targets: 1, miss, 2, 1.
+    predictions = np.array([[5, 6], [7, 8], [1, 2], [3, 4]])
+    targets = np.array([5, 9, 2, 3])
+    domains = np.array([0, 0, 1, 1])
+    report = per_domain_report(predictions, targets, domains, ["A", "B", "Empty"], num_items=10, ks=(1, 2),
+                               ndcg_ks=(2,))
+    # A: recall@1 = 1/2, recall@2 = 1/2, ndcg@2 = (1 + 0) / 2.  B: recall@1 = 1/2 (user 3), recall@2 = 1,
+    # ndcg@2 = (1/log2(3) + 1) / 2.  No user in "Empty": left out.
+    assert set(report) == {"A", "B"} and report["A"]["users"] == 2 and report["B"]["users"] == 2
+    assert report["A"]["recall@1"] == 0.5 and report["A"]["recall@2"] == 0.5 and report["A"]["ndcg@2"] == 0.5
+    assert report["B"]["recall@2"] == 1.0 and report["B"]["ndcg@2"] == pytest.approx((1 / np.log2(3) + 1) / 2)
+    overall = ranking_report(predictions, targets, num_items=10, ks=(1, 2), ndcg_ks=(2,))
+    for key in ("recall@1", "recall@2", "ndcg@2", "validity"):  # user-weighted mean of the domains = overall
+        mean = sum(r["users"] * r[key] for r in report.values()) / sum(r["users"] for r in report.values())
+        assert mean == pytest.approx(overall[key])
+    assert overall["recall@2"] == 0.75  # 3 of 4 users hit
+
+
+def test_most_popular_stays_in_the_domain():
+    from collections import Counter
+
+    from onerec_dist.evaluation import most_popular
+
+    counts = Counter({0: 5, 1: 1, 2: 9, 3: 2})
+    # Overall ranking 2, 0, 3, 1. Domain 0 = items {0, 1}: 0, 1; domain 1 = {2, 3}: 2, 3; K = 3 pads with -1.
+    items = most_popular(counts, 4, 3, 3, item_domains=np.array([0, 0, 1, 1]), user_domains=np.array([1, 0, 1]))
+    assert items.tolist() == [[2, 3, -1], [0, 1, -1], [2, 3, -1]]
+    assert most_popular(counts, 4, 3, 1).tolist() == [[2, 0, 3]]
