@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from onerec_dist.data.config import SyntheticConfig, SyntheticDomainConfig
-from onerec_dist.data.domains import check_domains, domain_name_by_user, has_domains, user_domain_indices
+from onerec_dist.data.domains import (check_domains, domain_name_by_user, examples_of_domain, has_domains,
+                                      user_domain_indices)
+from onerec_dist.data.splits import leave_one_out
 from onerec_dist.data.synthetic import build_world, generate_synthetic, simulate_users
 from onerec_dist.data.synthetic_domains import build_domains, domain_configs, split_sizes
 from onerec_dist.data.types import Catalogue, Examples, InteractionData
@@ -266,3 +268,76 @@ def test_most_popular_stays_in_the_domain():
     items = most_popular(counts, 4, 3, 3, item_domains=np.array([0, 0, 1, 1]), user_domains=np.array([1, 0, 1]))
     assert items.tolist() == [[2, 3, -1], [0, 1, -1], [2, 3, -1]]
     assert most_popular(counts, 4, 3, 1).tolist() == [[2, 0, 3]]
+
+
+# ---------------------------------------------------------------------------------------------- 5. rl.domain
+
+
+def test_rl_domain_is_validated_against_the_data():
+    from onerec_dist.recipes import grpo
+
+    names = ["Electronics", "Lifestyle"]
+    assert grpo.rl_config({}).domain is None and grpo.rl_config({}).domain_index(names) is None
+    assert grpo.rl_config({"domain": "Lifestyle"}).domain_index(names) == 1
+    with pytest.raises(ValueError, match=r"rl.domain='Books' .* allowed values: null \(all domains\), "
+                                         r"'Electronics', 'Lifestyle'"):
+        grpo.rl_config({"domain": "Books"}).domain_index(names)
+    with pytest.raises(ValueError, match="rl.domain='Books' .* the data has a single domain"):
+        grpo.rl_config({"domain": "Books"}).domain_index([])
+    with pytest.raises(ValueError, match="rl.domain"):
+        grpo.rl_config({"domain": " "})
+
+
+def test_rl_domain_selects_the_domains_users_and_checks_the_beam():
+    from onerec_dist.recipes import grpo
+
+    data = generate_synthetic(SyntheticConfig(num_domains=2, **SMALL))
+    splits = leave_one_out(data.sequences, max_history=50)
+    train, valid = grpo.domain_examples(grpo.rl_config({"domain": "Shop B", "beam_width": 8}), data, splits)
+    assert {data.user_domains[u] for u in train.users + valid.users} == {1}
+    assert len(valid) == 20 and len(train) == sum(data.user_domains[u] == 1 for u in splits["train"].users)
+    assert train.histories == [h for u, h in zip(splits["train"].users, splits["train"].histories)
+                               if data.user_domains[u] == 1]
+    joint, _ = grpo.domain_examples(grpo.rl_config({"beam_width": 8}), data, splits)
+    assert len(joint) == len(splits["train"])  # null: all domains
+    with pytest.raises(ValueError, match=r"rl.beam_width=41 is larger than domain 'Shop A'.s catalogue \(40"):
+        grpo.domain_examples(grpo.rl_config({"beam_width": 41}), data, splits)
+    assert len(examples_of_domain(splits["test"], data, 0)) == 20
+
+
+class RecordingDecoder:
+    """Stands in for the reward's ConstrainedDecoder: returns item 0 / code [0, 0, 0] for every row and beam, and
+    records the allowed prefixes it was given."""
+
+    def __init__(self):
+        self.allowed = []
+
+    def decode(self, prompts, allowed_prefixes=None):
+        from onerec_dist.decoding.beam_search import DecodeResult
+
+        self.allowed.append(allowed_prefixes)
+        n = len(prompts)
+        zeros = torch.zeros(n, 2, 3, dtype=torch.long)
+        return DecodeResult(torch.zeros(n, 2, dtype=torch.long), zeros, zeros, torch.zeros(n, 2), torch.zeros(n, 2, 3))
+
+
+def test_rollout_reward_decode_is_restricted_to_each_users_domain():
+    from onerec_dist.recipes import grpo
+
+    data, codes = tiny_two_domain_data()
+    restriction = domain_restriction(data, ["u0", "u1"], codes)
+    prompts = grpo.PromptSet([[1], [2]], np.array([1, 3]), codes[[1, 3]], [[0], [2]], restriction)
+    picked = prompts.take([1])  # u1 only: the restriction follows the rows
+    assert picked.restriction.user_domains.tolist() == [1]
+    # G = 2 rollouts per prompt, rows prompt-major: rows 0, 1 are u0's (Home: items 0, 1), rows 2, 3 u1's.
+    allowed = prompts.allowed_prefixes(2)
+    assert allowed.offsets.tolist() == [0, 2, 4, 6, 8]
+    assert allowed.codes.tolist() == codes[[0, 1, 0, 1, 2, 3, 2, 3]].tolist()
+    rollout = grpo.Rollout([[1], [1], [2], [2]], [[], [], [], []], np.ones(4, dtype=bool),
+                           torch.as_tensor(codes[[1, 1, 3, 3]]), 2, allowed)
+    think = type("Think", (), {"end_id": 9, "after_ids": (8,), "empty_body_ids": (7,)})()
+    decoder = RecordingDecoder()
+    rewards, _ = grpo.rollout_rewards(decoder, think, rollout, "rollout_beam")
+    assert decoder.allowed == [allowed] and rewards.shape == (2, 2)
+    plain = grpo.PromptSet([[1]], np.array([1]), codes[[1]], [[0]])
+    assert plain.allowed_prefixes(4) is None and plain.take([0]).restriction is None
