@@ -341,3 +341,26 @@ def test_rollout_reward_decode_is_restricted_to_each_users_domain():
     assert decoder.allowed == [allowed] and rewards.shape == (2, 2)
     plain = grpo.PromptSet([[1]], np.array([1]), codes[[1]], [[0]])
     assert plain.allowed_prefixes(4) is None and plain.take([0]).restriction is None
+
+
+# ---------------------------------------------------------------------------------------------- 6. the experiment
+
+
+def test_domains_experiment_composes_and_validates():
+    from omegaconf import OmegaConf
+
+    from onerec_dist.cli import compose
+    from onerec_dist.data.config import data_config
+    from onerec_dist.recipes import grpo
+
+    cfg = compose(["experiment=domains"])
+    synthetic = data_config(cfg).synthetic
+    assert synthetic.num_domains == 2 and synthetic.mode == "reasoning"
+    assert [d.name for d in synthetic.domains] == ["Electronics", "Lifestyle"]
+    singles = domain_configs(synthetic)
+    assert [c.num_items for _, c in singles] == [300, 300] and [c.num_users for _, c in singles] == [1600, 1600]
+    assert [c.complement_prob for _, c in singles] == [0.7, 0.4]  # the file's dynamics, not the default spread
+    rl = grpo.rl_config(OmegaConf.to_container(compose(["experiment=domains", "rl.domain=Lifestyle"]).rl,
+                                               resolve=True))
+    assert rl.domain_index([d.name for d in synthetic.domains]) == 1
+    assert data_config(compose([])).synthetic.num_domains == 1  # the default run keeps one domain
