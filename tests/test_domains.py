@@ -364,3 +364,28 @@ def test_domains_experiment_composes_and_validates():
                                                resolve=True))
     assert rl.domain_index([d.name for d in synthetic.domains]) == 1
     assert data_config(compose([])).synthetic.num_domains == 1  # the default run keeps one domain
+
+
+def test_onerec_eval_reports_per_domain_and_stays_in_the_domain(tmp_path):
+    import pyarrow.parquet as pq
+
+    from onerec_dist.cli import main
+
+    # 2 domains x 40 items x 20 users, an untrained tiny model; K = 10 <= 40 items per domain, so every slot holds an
+    # item of the user's own domain (the restriction is exact) and validity stays 1.
+    assert main(["eval", f"output_dir={tmp_path}", "data.synthetic.num_domains=2", "data.synthetic.num_users=40",
+                 "data.synthetic.num_items=80", "eval.beam_width=10", "eval.top_k=10", "eval.ks=[1,10]",
+                 "eval.ndcg_ks=[10]", "sid.codebook_size=8", "eval.baseline=popular"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    table = pq.read_table(tmp_path / "predictions.parquet")
+    assert summary["domains"] == {"Shop A": 20, "Shop B": 20}
+    data = generate_synthetic(SyntheticConfig(num_domains=2, num_users=40, num_items=80))
+    users = table.column("user").to_pylist()
+    own = np.array([data.user_domains[u] for u in users])  # [U]
+    for name in ("model", "popular"):
+        items = np.array(table.column(name).to_pylist())  # [U, 10]
+        assert (items >= 0).all() and (data.item_domains[items] == own[:, None]).all()
+        per_domain = summary[name]["per_domain"]
+        assert {d: v["users"] for d, v in per_domain.items()} == {"Shop A": 20, "Shop B": 20}
+        for key in ("recall@10", "ndcg@10", "validity"):  # equal weights: the overall value is the plain mean
+            assert summary[name][key] == pytest.approx((per_domain["Shop A"][key] + per_domain["Shop B"][key]) / 2)
