@@ -159,6 +159,11 @@ def test_prompts_name_the_domain_only_when_there_are_several():
     plain = [tokenizer.decode(e.input_ids) for e in sequential_preference(single, train, codes, tokenizer,
                                                                            max_length=256)]
     assert plain[0].startswith("<|im_start|>user\nThe user has purchased") and "Domain" not in plain[0] + plain[1]
+    from onerec_dist.training.tasks_sequence import whole_sequence_preference
+
+    whole = whole_sequence_preference(data, Examples(["u1"], [[2]], [3]), codes, tokenizer, max_length=256)
+    assert len(whole) == 1 and tokenizer.decode(whole[0].input_ids).startswith(
+        "<|im_start|>user\nDomain: Garden.\nThe user has purchased, in order: " + item.format(0, 1, 0))
     assert build_prompts(tokenizer, train, codes) == build_prompts(tokenizer, train, codes, None)
     named = build_prompts(tokenizer, train, codes, ["Home", "Garden"])
     assert tokenizer.decode(named[1]).startswith("<|im_start|>user\nDomain: Garden.\n")
