@@ -76,12 +76,15 @@ def build_decoder(model, item_tok, item_codes: np.ndarray, eval_cfg: EvalConfig,
                               item_codes=codes)
 
 
-def build_prompts(tokenizer, examples: Examples, item_codes: np.ndarray) -> list[list[int]]:
-    """Token ids of the next-item prompt of every user (the same rendering training uses)."""
+def build_prompts(tokenizer, examples: Examples, item_codes: np.ndarray,
+                  domains: list[str] | None = None) -> list[list[int]]:
+    """Token ids of the next-item prompt of every user (the same rendering training uses); ``domains`` [U]: each
+    user's domain name, named in the prompt (data with several domains; None: single domain)."""
     from onerec_dist.prompts import next_item_question, render_prompt
 
-    return [render_prompt(tokenizer, next_item_question([item_codes[i] for i in history]))
-            for history in examples.histories]
+    names = domains if domains is not None else [None] * len(examples.histories)
+    return [render_prompt(tokenizer, next_item_question([item_codes[i] for i in history], domain))
+            for history, domain in zip(examples.histories, names)]
 
 
 def length_batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
@@ -90,15 +93,19 @@ def length_batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def decode_batches(decoder, prompts, histories, batches, exclude_history: bool, progress: bool = True):
-    """Run the decoder over ``batches``; returns {batch index: (items [b, K], scores [b, K])} as numpy."""
+def decode_batches(decoder, prompts, histories, batches, exclude_history: bool, progress: bool = True,
+                   restriction=None):
+    """Run the decoder over ``batches``; returns {batch index: (items [b, K], scores [b, K])} as numpy.
+    ``restriction`` (decoding/domains.DomainRestriction over the user positions): each user decodes only its
+    domain's items."""
     from onerec_dist.progress import Progress
 
     results = {}
     with Progress(len(batches), "eval", unit="batch", mode=None if progress else "off") as bar:
         for number, batch in enumerate(batches):
             exclude = [histories[i] for i in batch] if exclude_history else None
-            out = decoder.decode([prompts[i] for i in batch], exclude=exclude)
+            allowed = restriction.allowed(batch) if restriction is not None else None
+            out = decoder.decode([prompts[i] for i in batch], exclude=exclude, allowed_prefixes=allowed)
             results[number] = (out.items.cpu().numpy(), out.scores.float().cpu().numpy())
             bar.update(1)
     return results
@@ -127,13 +134,22 @@ def training_item_counts(sequences: dict[str, list[int]], given_train: Examples 
     return counts
 
 
-def most_popular(counts: Counter, num_items: int, top_k: int, num_users: int) -> np.ndarray:
-    """The K most frequent training items (ties: lower index first) for every user: [U, K]."""
+def most_popular(counts: Counter, num_items: int, top_k: int, num_users: int, item_domains: np.ndarray | None = None,
+                 user_domains: np.ndarray | None = None) -> np.ndarray:
+    """The K most frequent training items (ties: lower index first) for every user: [U, K]. With ``item_domains``
+    [N] and ``user_domains`` [U] (data with several domains): the K most frequent items of each user's domain
+    (-1 past a domain's item count)."""
     frequency = np.zeros(num_items, dtype=np.int64)
     for item, count in counts.items():
         frequency[item] = count
-    ranked = np.lexsort((np.arange(num_items), -frequency))[:top_k]
-    return np.tile(ranked, (num_users, 1))
+    ranked = np.lexsort((np.arange(num_items), -frequency))  # [N] best first
+    if item_domains is None or user_domains is None:
+        return np.tile(ranked[:top_k], (num_users, 1))
+    items = np.full((num_users, top_k), -1, dtype=np.int64)
+    for domain in np.unique(user_domains):
+        own = ranked[np.asarray(item_domains)[ranked] == domain][:top_k]  # the domain's items, best first
+        items[np.asarray(user_domains) == domain, :len(own)] = own
+    return items
 
 
 class Stopwatch:

@@ -75,3 +75,22 @@ def ranking_report(predictions, targets, num_items: int, ks=(1, 5, 10, 20), ndcg
     report.update({f"ndcg@{k}": ndcg_at_k(predictions, targets, k) for k in ndcg_ks})
     report["validity"] = validity(predictions, num_items)
     return report
+
+
+def per_domain_report(predictions, targets, user_domains, domain_names: Sequence[str], num_items: int,
+                      ks=(1, 5, 10, 20), ndcg_ks=(5, 10, 20)) -> dict:
+    """{domain name: ``ranking_report`` of that domain's users + "users"} (domains without users are left out).
+    Every metric is a mean over users (validity over the K slots of each user), so the user-weighted mean of the
+    per-domain values, sum_d users_d * m_d / sum_d users_d, is the overall value."""
+    preds = _as_2d(predictions)
+    targets = np.asarray(targets, dtype=np.int64)
+    domains = np.asarray(user_domains, dtype=np.int64)
+    if domains.shape != (preds.shape[0],):
+        raise ValueError(f"user_domains must have one entry per user ({preds.shape[0]}), got shape {domains.shape}")
+    out = {}
+    for d, name in enumerate(domain_names):
+        rows = domains == d
+        if rows.any():
+            out[name] = {**ranking_report(preds[rows], targets[rows], num_items, ks, ndcg_ks),
+                         "users": int(rows.sum())}
+    return out

@@ -35,12 +35,15 @@ def model_config(cfg) -> ModelConfig:
 
 
 def tokenizer_corpus(data: InteractionData) -> list[str]:
-    """Text a from-scratch tokenizer is trained on: item text, personas, and the prompt templates' words."""
-    from onerec_dist.prompts import next_item_question
+    """Text a from-scratch tokenizer is trained on: item text, personas, and the prompt templates' words (with the
+    domain lines when the data has several domains)."""
+    from onerec_dist.prompts import domain_line, next_item_question
 
     texts = [data.catalogue.text(i) for i in range(len(data.catalogue))]
     texts += list(data.personas.values())
     texts.append(next_item_question([]))
+    if len(data.domain_names) > 1:
+        texts += [domain_line(name) for name in data.domain_names]
     return [t for t in texts if t] or ["item"]
 
 

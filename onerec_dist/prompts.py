@@ -20,10 +20,18 @@ def item_text(codes: Sequence[int]) -> str:
     return sid_to_text([int(c) for c in codes])
 
 
-def next_item_question(history_codes: Sequence[Sequence[int]]) -> str:
-    """Sequential preference modelling (OneRec-Think Sec. 3.2, task 2): history IDs -> next item."""
+def domain_line(domain: str) -> str:
+    """The line that names the user's domain in front of a question (data with several domains)."""
+    return f"Domain: {domain}."
+
+
+def next_item_question(history_codes: Sequence[Sequence[int]], domain: str | None = None) -> str:
+    """Sequential preference modelling (OneRec-Think Sec. 3.2, task 2): history IDs -> next item. ``domain``: the
+    user's domain when the data has several (OneReason: the prompt names the domain), as a first line; None (single
+    domain) gives the question unchanged."""
     items = ", ".join(item_text(c) for c in history_codes)
-    return f"The user has purchased, in order: {items}. Which item will the user purchase next?"
+    question = f"The user has purchased, in order: {items}. Which item will the user purchase next?"
+    return question if domain is None else f"{domain_line(domain)}\n{question}"
 
 
 def render_prompt(tokenizer, user_message: str, system: str | None = None) -> list[int]:

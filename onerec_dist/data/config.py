@@ -8,6 +8,26 @@ from typing import Literal
 from onerec_dist.config import from_section, require
 
 
+DOMAIN_DYNAMICS = ("complement_prob", "drift_prob", "rule_prob")  # the generator settings a domain may override
+
+
+@dataclass
+class SyntheticDomainConfig:
+    """``data.synthetic.domains[d]``: one domain's name and dynamics; null takes the default of
+    onerec_dist/data/synthetic_domains.py (a name "Shop A", "Shop B", ...; the documented spread of the dynamics)."""
+
+    name: str | None = None
+    complement_prob: float | None = None
+    drift_prob: float | None = None
+    rule_prob: float | None = None
+
+    def check(self, where: str) -> None:
+        require(self.name is None or bool(self.name.strip()), f"{where}.name", "must be null or a non-empty name")
+        for field_name in DOMAIN_DYNAMICS:
+            value = getattr(self, field_name)
+            require(value is None or 0 <= value <= 1, f"{where}.{field_name}", "must be null or in [0, 1]")
+
+
 @dataclass
 class SyntheticConfig:
     num_users: int = 600
@@ -25,8 +45,20 @@ class SyntheticConfig:
     mode: Literal["default", "reasoning"] = "default"
     rule_prob: float = 0.7
     rule_window: int = 4
+    # D >= 2: D separate worlds with their own items, names and dynamics (onerec_dist/data/synthetic_domains.py).
+    num_domains: int = 1
+    domains: list[SyntheticDomainConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.domains = [SyntheticDomainConfig(**d) if isinstance(d, dict) else d for d in self.domains]
+        require(self.num_domains >= 1, "data.synthetic.num_domains", "must be >= 1")
+        require(not self.domains or len(self.domains) == self.num_domains, "data.synthetic.domains",
+                f"has {len(self.domains)} entries; allowed: none (the default names and spread) or one per domain "
+                f"(data.synthetic.num_domains={self.num_domains})")
+        for d, domain in enumerate(self.domains):
+            domain.check(f"data.synthetic.domains[{d}]")
+        names = [d.name for d in self.domains if d.name is not None]
+        require(len(names) == len(set(names)), "data.synthetic.domains", f"names must be distinct, got {names}")
         require(self.num_users >= 1, "data.synthetic.num_users", "must be >= 1")
         require(self.num_items >= 2, "data.synthetic.num_items", "must be >= 2")
         require(self.min_seq_len >= 3, "data.synthetic.min_seq_len", "must be >= 3 (leave-one-out needs 3 items)")

@@ -7,7 +7,12 @@ window over the rest: (s_0..s_{t-1} -> s_t) for t = 1 .. n-3. Every history keep
 
 from __future__ import annotations
 
+from collections import Counter
+
+import numpy as np
+
 from onerec_dist.data.config import DataConfig
+from onerec_dist.data.domains import check_domains
 from onerec_dist.data.readers import DataError, read_interactions, read_letter, read_minionerec
 from onerec_dist.data.types import DropReport, Examples, InteractionData
 
@@ -17,7 +22,9 @@ def load_dataset(cfg: DataConfig) -> InteractionData:
     if cfg.format == "synthetic":
         from onerec_dist.data.synthetic import generate_synthetic
 
-        return generate_synthetic(cfg.synthetic, name=cfg.name)
+        data = generate_synthetic(cfg.synthetic, name=cfg.name)
+        check_domains(data)
+        return data
     readers = {"letter": read_letter, "minionerec": read_minionerec, "interactions": read_interactions}
     return readers[cfg.format](cfg)
 
@@ -79,12 +86,19 @@ def statistics(data: InteractionData, splits: dict[str, Examples | None]) -> dic
     }
     if data.catalogue.semantic_ids is not None:
         stats["semantic_id_levels"] = int(data.catalogue.semantic_ids.shape[1])
+    if len(data.domain_names) > 1:  # {name: {users, items}} of data with several domains
+        users = Counter(data.user_domains[u] for u in data.sequences)
+        items = Counter(np.asarray(data.item_domains).tolist())
+        stats["domains"] = {name: {"users": users.get(d, 0), "items": items.get(d, 0)}
+                            for d, name in enumerate(data.domain_names)}
     return stats
 
 
 def format_statistics(stats: dict) -> str:
     lines = [f"dataset {stats['dataset']}: {stats['num_users']} users, {stats['num_items']} items, "
              f"{stats['num_interactions']} interactions, {stats['avg_seq_len']:.2f} items per user"]
+    for name, entry in stats.get("domains", {}).items():
+        lines.append(f"  domain {name}: {entry['users']} users, {entry['items']} items")
     for name, size in stats["splits"].items():
         lines.append(f"  split {name:5s}: " + (f"{size} examples" if size is not None else
                                                 "ABSENT in this release (not invented)"))

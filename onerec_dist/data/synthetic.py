@@ -52,6 +52,11 @@ Reasoning mode (``mode=reasoning``; the default mode is steps 1-9 exactly, same 
       printers -> they chose Lumora in Photo Printing before -> a Lumora photo printer". The rule's coin and
       the extra brands come from a fourth random stream, so steps 1-9 draw exactly the same numbers in both
       modes. ``SyntheticTrace.via_rule`` records which steps followed the rule.
+
+Domains (``num_domains`` = D >= 2; D = 1 is steps 1-10 exactly, the same dataset as before domains existed)
+  11. D separate worlds, each built by steps 1-10 with its own seed, taxonomy names, brands and dynamics, laid end to
+      end in one catalogue; each user lives in one domain. ``onerec_dist/data/synthetic_domains.py`` documents the
+      split of items and users, the per-domain seeds and names, and the spread of the dynamics.
 """
 
 from __future__ import annotations
@@ -179,7 +184,12 @@ class SyntheticTrace:
 def generate_synthetic(cfg: SyntheticConfig, name: str = "synthetic") -> InteractionData:
     """The synthetic dataset of ``cfg`` (see the module docstring for the generative process).
 
-    Item ids are "0".."N-1" (= dense index), user ids "u0".."u{U-1}"; every user has a persona."""
+    Item ids are "0".."N-1" (= dense index), user ids "u0".."u{U-1}"; every user has a persona. With
+    ``num_domains`` >= 2 the dataset also records each item's and user's domain (step 11)."""
+    if cfg.num_domains > 1:
+        from onerec_dist.data.synthetic_domains import generate_domains
+
+        return generate_domains(cfg, name)
     world = build_world(cfg)
     trace = simulate_users(world, cfg)
     sequences = {u: row[:n].tolist() for u, row, n in zip(trace.user_ids, trace.items, trace.lengths)}
@@ -209,13 +219,17 @@ def _check_sizes(cfg: SyntheticConfig) -> None:
 # ---------------------------------------------------------------- world
 
 
-def build_world(cfg: SyntheticConfig) -> SyntheticWorld:
-    """Taxonomy, brands, items, popularity and complements (steps 1-5 of the module docstring)."""
+def build_world(cfg: SyntheticConfig, first_top: int = 0, taken_brands: frozenset[str] = frozenset()
+                ) -> SyntheticWorld:
+    """Taxonomy, brands, items, popularity and complements (steps 1-5 of the module docstring).
+
+    ``first_top``: the taxonomy's first top category is the name list's entry ``first_top`` (a domain's world
+    starts past the tops of the domains before it, so names differ); ``taken_brands``: names other worlds use."""
     _check_sizes(cfg)
     rng = _streams(cfg)[0]
-    top_names, sub_names, sub_nouns, sub_top, partner_names = _taxonomy(cfg)
+    top_names, sub_names, sub_nouns, sub_top, partner_names = _taxonomy(cfg, first_top)
     related, partner = _related(sub_names, sub_top, partner_names, rng)
-    brand_names = _brand_names(cfg.num_top_categories * cfg.brands_per_top, rng)
+    brand_names = _brand_names(cfg.num_top_categories * cfg.brands_per_top, rng, taken_brands)
 
     num_subs = len(sub_names)
     extra = rng.multinomial(cfg.num_items - num_subs, np.full(num_subs, 1.0 / num_subs))
@@ -228,19 +242,22 @@ def build_world(cfg: SyntheticConfig) -> SyntheticWorld:
         popularity[rng.permutation(items)] = weight / weight.sum()
 
     complements, num_complements = _complements(item_sub, items_of_sub, related, popularity, rng)
-    catalogue = _catalogue(top_names, sub_names, sub_nouns, sub_top, brand_names, item_sub, item_brand, rng)
+    catalogue = _catalogue(top_names, sub_names, sub_nouns, sub_top, brand_names, item_sub, item_brand, rng,
+                           first_top)
     return SyntheticWorld(top_names, sub_names, sub_nouns, sub_top, related, brand_names, cfg.brands_per_top,
                           item_sub, item_brand, popularity, items_of_sub, complements, num_complements, catalogue,
                           partner)
 
 
-def _taxonomy(cfg: SyntheticConfig) -> tuple[list[str], list[str], list[str], np.ndarray, list[str]]:
-    """Names of tops and subcategories; past the hand-written lists they repeat with a suffix."""
+def _taxonomy(cfg: SyntheticConfig, first_top: int = 0
+              ) -> tuple[list[str], list[str], list[str], np.ndarray, list[str]]:
+    """Names of tops and subcategories (tops ``first_top`` .. of the name list); past the hand-written lists they
+    repeat with a suffix."""
     bases = list(TAXONOMY)
     top_names, sub_names, sub_nouns, sub_top, partners = [], [], [], [], []
     for t in range(cfg.num_top_categories):
-        base = bases[t % len(bases)]
-        top_round = t // len(bases)
+        base = bases[(first_top + t) % len(bases)]
+        top_round = (first_top + t) // len(bases)
         top_suffix = f" {top_round + 1}" if top_round else ""
         top_names.append(base + top_suffix)
         for p in range(cfg.subcategories_per_top):
@@ -273,12 +290,18 @@ def _related(sub_names: list[str], sub_top: np.ndarray, partner_names: list[str]
     return [np.array(sorted(r), dtype=np.int64) for r in related], own_partner
 
 
-def _brand_names(count: int, rng: np.random.Generator) -> list[str]:
+def _brand_names(count: int, rng: np.random.Generator, taken: frozenset[str] = frozenset()) -> list[str]:
+    """``count`` distinct names in a seeded order, skipping ``taken`` (names of other worlds)."""
     combos = [stem + ending for stem in BRAND_STEMS for ending in BRAND_ENDINGS]
     order = rng.permutation(len(combos))
-    # Past the 360 stem+ending combinations, names repeat with a number (all stay distinct).
-    return [combos[order[i % len(combos)]] + (str(i // len(combos) + 1) if i >= len(combos) else "")
-            for i in range(count)]
+    names, i = [], 0
+    while len(names) < count:
+        # Past the 360 stem+ending combinations, names repeat with a number (all stay distinct).
+        name = combos[order[i % len(combos)]] + (str(i // len(combos) + 1) if i >= len(combos) else "")
+        if name not in taken:
+            names.append(name)
+        i += 1
+    return names
 
 
 def _complements(item_sub: np.ndarray, items_of_sub: list[np.ndarray], related: list[np.ndarray],
@@ -307,14 +330,14 @@ def _complements(item_sub: np.ndarray, items_of_sub: list[np.ndarray], related: 
 
 def _catalogue(top_names: list[str], sub_names: list[str], sub_nouns: list[str], sub_top: np.ndarray,
                brand_names: list[str], item_sub: np.ndarray, item_brand: np.ndarray,
-               rng: np.random.Generator) -> Catalogue:
+               rng: np.random.Generator, first_top: int = 0) -> Catalogue:
     """Step 3: titles "<Brand> <Adjective> <Noun> <model code>" (unique) and two-sentence descriptions."""
     titles, descriptions, seen = [], [], set()
     base_tops = list(TAXONOMY)
     for item, (sub, brand) in enumerate(zip(item_sub.tolist(), item_brand.tolist())):
         top = top_names[sub_top[sub]]
         adjective = ADJECTIVES[rng.integers(len(ADJECTIVES))]
-        attributes = ATTRIBUTES[base_tops[sub_top[sub] % len(base_tops)]]
+        attributes = ATTRIBUTES[base_tops[(first_top + sub_top[sub]) % len(base_tops)]]
         first, second = rng.choice(len(attributes), size=2, replace=False)
         while True:  # model codes: 26*26*900 choices, so a clash is rare and a redraw ends it
             letters = "".join(chr(ord("A") + c) for c in rng.integers(26, size=2))

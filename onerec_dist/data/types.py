@@ -108,6 +108,11 @@ class InteractionData:
     # Splits given by the files themselves (MiniOneRec CSV); None for a split the release lacks.
     given_splits: dict[str, Examples | None] | None = None
     report: DropReport = field(default_factory=DropReport)
+    # Domains (OneReason's specialise-then-unify; onerec_dist/data/domains.py): their names, each item's and each
+    # user's domain index. Empty for single-domain data (every reader's, and synthetic data with num_domains=1).
+    domain_names: list[str] = field(default_factory=list)
+    item_domains: np.ndarray | None = None  # [N] int64 index into domain_names
+    user_domains: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_interactions(self) -> int:

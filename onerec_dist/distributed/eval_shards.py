@@ -15,7 +15,8 @@ def ensure_ray() -> None:
     ray_session.ensure_ray(include_dashboard=False, log_to_driver=False)
 
 
-def _decode_shard(eval_cfg, model_dir: str, item_codes: np.ndarray, prompts, histories, batches, numbers):
+def _decode_shard(eval_cfg, model_dir: str, item_codes: np.ndarray, prompts, histories, batches, restriction,
+                  numbers):
     import torch
 
     from onerec_dist.devices import resolve_device
@@ -30,7 +31,8 @@ def _decode_shard(eval_cfg, model_dir: str, item_codes: np.ndarray, prompts, his
     item_tok = ItemTokenizer.from_tokenizer(tokenizer)
     decoder = build_decoder(model, item_tok, item_codes, eval_cfg, tokenizer.pad_token_id or 0)
     mine = [batches[n] for n in numbers]
-    local = decode_batches(decoder, prompts, histories, mine, eval_cfg.exclude_history, progress=False)
+    local = decode_batches(decoder, prompts, histories, mine, eval_cfg.exclude_history, progress=False,
+                           restriction=restriction)
     return {numbers[i]: result for i, result in local.items()}
 
 
@@ -58,13 +60,16 @@ def _run_round_robin(eval_cfg, shard_fn, leading_args: tuple, shared_values: tup
     return merged
 
 
-def decode_sharded(eval_cfg, model_dir: str, item_codes, prompts, histories, batches) -> dict:
-    """{batch number: (items, scores)} for every batch, computed on eval_cfg.num_workers Ray workers."""
-    return _run_round_robin(eval_cfg, _decode_shard, (eval_cfg, model_dir), (item_codes, prompts, histories, batches),
-                            len(batches), f"eval x{eval_cfg.num_workers} workers")
+def decode_sharded(eval_cfg, model_dir: str, item_codes, prompts, histories, batches, restriction=None) -> dict:
+    """{batch number: (items, scores)} for every batch, computed on eval_cfg.num_workers Ray workers;
+    ``restriction``: each user only in its domain's catalogue (decoding/domains.py; None: the whole catalogue)."""
+    return _run_round_robin(eval_cfg, _decode_shard, (eval_cfg, model_dir),
+                            (item_codes, prompts, histories, batches, restriction), len(batches),
+                            f"eval x{eval_cfg.num_workers} workers")
 
 
-def _think_shard(eval_cfg, mode: str, model_dir: str, item_codes: np.ndarray, histories, targets, batches, numbers):
+def _think_shard(eval_cfg, mode: str, model_dir: str, item_codes: np.ndarray, histories, targets, batches, domains,
+                 restriction, numbers):
     import torch
 
     from onerec_dist.devices import resolve_device
@@ -79,13 +84,14 @@ def _think_shard(eval_cfg, mode: str, model_dir: str, item_codes: np.ndarray, hi
     decoder = build_decoder(model, ItemTokenizer.from_tokenizer(tokenizer), item_codes, eval_cfg,
                             tokenizer.pad_token_id or 0)
     return think_decode_batches(decoder, model, tokenizer, item_codes, histories, targets, batches, numbers, eval_cfg,
-                                mode, progress=False)
+                                mode, progress=False, domains=domains, restriction=restriction)
 
 
-def think_sharded(eval_cfg, mode: str, model_dir: str, item_codes, histories, targets, batches) -> dict:
+def think_sharded(eval_cfg, mode: str, model_dir: str, item_codes, histories, targets, batches, domains=None,
+                  restriction=None) -> dict:
     """{batch number: per-user arrays} of the thinking evaluation (onerec_dist.reasoning.think_eval), batches dealt
     round-robin to eval_cfg.num_workers Ray workers; per-user items and log-likelihoods come back, so the paired
     bootstrap runs on the driver over all users."""
     return _run_round_robin(eval_cfg, _think_shard, (eval_cfg, mode, model_dir),
-                            (item_codes, histories, targets, batches), len(batches),
+                            (item_codes, histories, targets, batches, domains, restriction), len(batches),
                             f"eval ({mode}) x{eval_cfg.num_workers} workers")

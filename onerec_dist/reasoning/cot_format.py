@@ -3,8 +3,9 @@ evaluation, RL and serving:
 
     prompt(history)  <think> "\\n" rationale "\\n" </think> "\\n\\n"  <|item_begin|> codes <|item_end|>  eos
 
-The prompt is ``prompts.render_prompt(tokenizer, prompts.next_item_question(history))``, the very prompt of the
-sequential-preference task (onerec_dist.training.tasks), so the aligned model starts from text it has seen. The
+The prompt is ``prompts.render_prompt(tokenizer, prompts.next_item_question(history, domain))``, the very prompt of
+the sequential-preference task (onerec_dist.training.tasks), so the aligned model starts from text it has seen
+(``domain``: the user's domain on data with several, named in a first line; None on single-domain data). The
 think block is written like Qwen3's (``<think>\\n...\\n</think>\\n\\n``); a *non-thinking* answer is the same format
 with an empty block (``<think>\\n\\n</think>\\n\\n``), so one checkpoint serves both modes. Token ids are built
 piece by piece (prompt | <think> | encode("\\n" + r + "\\n") | </think> | encode("\\n\\n") | item ids | eos), never by
@@ -122,17 +123,18 @@ def add_think_tokens(model, tokenizer, noise_std: float = 0.02, pad_to_multiple_
     return ThinkTokens.from_tokenizer(tokenizer)
 
 
-def history_prompt(tokenizer, item_codes: np.ndarray, history: Sequence[int], budget: int) -> tuple[list[int], int]:
+def history_prompt(tokenizer, item_codes: np.ndarray, history: Sequence[int], budget: int,
+                   domain: str | None = None) -> tuple[list[int], int]:
     """The sequential-preference prompt of the longest suffix of ``history`` within ``budget`` tokens, and that
-    suffix's length (0 when not even one item fits)."""
-    return _fit_history_prompt(tokenizer, np.asarray(item_codes), list(history), budget)
+    suffix's length (0 when not even one item fits). ``domain``: named in the prompt (None: single domain)."""
+    return _fit_history_prompt(tokenizer, np.asarray(item_codes), list(history), budget, domain)
 
 
 def inference_prompt(tokenizer, think: ThinkTokens, item_codes: np.ndarray, history: Sequence[int],
-                     max_length: int | None = None) -> list[int]:
+                     max_length: int | None = None, domain: str | None = None) -> list[int]:
     """Prompt ids up to and including <think>: generation writes the rationale from here."""
     budget = (max_length - 1) if max_length is not None else 1 << 30
-    prompt, kept = history_prompt(tokenizer, item_codes, history, budget)
+    prompt, kept = history_prompt(tokenizer, item_codes, history, budget, domain)
     if kept == 0:
         raise ValueError(f"max_length={max_length} cannot hold a prompt with one history item")
     return prompt + [think.begin_id]
@@ -156,14 +158,14 @@ def answer_ids(tokenizer, think: ThinkTokens, rationale: str | None, item_ids: S
 
 def training_example(tokenizer, think: ThinkTokens, item_codes: np.ndarray, item_ids: Sequence[int],
                      history: Sequence[int], rationale: str | None, max_length: int,
-                     source: str = "") -> AlignmentExample:
+                     source: str = "", domain: str | None = None) -> AlignmentExample:
     """One CoT SFT example: inference prompt (history cut from the left to fit) + answer, loss on the answer.
 
     ``item_ids`` are the target's L + 2 ids (``ItemTokenizer.encode_with_boundaries``); ``rationale`` None or
     blank gives a non-thinking example. ValueError when ``max_length`` cannot hold one history item + the answer.
     """
     answer = answer_ids(tokenizer, think, rationale, item_ids)
-    prompt, kept = history_prompt(tokenizer, item_codes, history, max_length - len(answer) - 1)
+    prompt, kept = history_prompt(tokenizer, item_codes, history, max_length - len(answer) - 1, domain)
     if kept == 0:
         raise ValueError(f"max_length={max_length} cannot hold a prompt with one history item plus the "
                          f"{len(answer)}-token answer ({source or 'example'}); raise max_length or cap rationales")

@@ -11,7 +11,7 @@ of ``cot_format`` (loss on everything after ``<think>``, equal weight per token)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -21,8 +21,9 @@ from onerec_dist.training.tasks import AlignmentExample, item_token_table
 
 def cot_sft_examples(records: Sequence[dict], item_codes: np.ndarray, tokenizer, think: ThinkTokens, *,
                      max_length: int, nothink_ratio: float = 0.0, shuffle_rationales: bool = False,
-                     seed: int = 0) -> list[AlignmentExample]:
-    """One training example per record (``history``, ``target``, ``rationale``, ``user``, ``example_index``)."""
+                     seed: int = 0, user_domains: Mapping[str, str] | None = None) -> list[AlignmentExample]:
+    """One training example per record (``history``, ``target``, ``rationale``, ``user``, ``example_index``).
+    ``user_domains``: {user: domain name} on data with several domains (the prompt names the user's domain)."""
     if not 0.0 <= nothink_ratio <= 1.0:
         raise ValueError(f"reasoning.sft.nothink_ratio: must be in [0, 1], got {nothink_ratio}")
     codes = np.asarray(item_codes)
@@ -37,6 +38,7 @@ def cot_sft_examples(records: Sequence[dict], item_codes: np.ndarray, tokenizer,
     examples = []
     for record, rationale, empty in zip(records, rationales, nothink.tolist()):
         source = f"train[{record.get('example_index', '?')}] user {record.get('user', '?')}"
+        domain = user_domains[record["user"]] if user_domains else None
         examples.append(training_example(tokenizer, think, codes, ids[int(record["target"])], record["history"],
-                                         None if empty else rationale, max_length, source))
+                                         None if empty else rationale, max_length, source, domain))
     return examples

@@ -134,9 +134,12 @@ def generate_rationales(model, think, prompts: list[list[int]], max_think_tokens
 
 
 def think_decode_batches(decoder, model, tokenizer, item_codes: np.ndarray, histories, targets, batches,
-                         numbers: list[int], eval_cfg, mode: str, progress: bool = True) -> dict:
+                         numbers: list[int], eval_cfg, mode: str, progress: bool = True, domains=None,
+                         restriction=None) -> dict:
     """{batch number: per-user arrays of that batch} for ``numbers`` of ``batches`` (lists of user positions):
-    items_think / items_nothink [b, K], ll_think / ll_nothink [b] (mode both), closed [b], think_tokens [b]."""
+    items_think / items_nothink [b, K], ll_think / ll_nothink [b] (mode both), closed [b], think_tokens [b].
+    Data with several domains: ``domains`` [U] names each user's domain in the prompt, ``restriction``
+    (decoding/domains.DomainRestriction over the user positions) keeps both decodes in the user's catalogue."""
     import torch
 
     from onerec_dist.progress import Progress
@@ -152,17 +155,21 @@ def think_decode_batches(decoder, model, tokenizer, item_codes: np.ndarray, hist
                                    mode=None if progress else "off") as bar:
         for number in numbers:
             users = batches[number]
-            prompts = [inference_prompt(tokenizer, think, item_codes, histories[u]) for u in users]
+            prompts = [inference_prompt(tokenizer, think, item_codes, histories[u],
+                                        domain=domains[u] if domains is not None else None) for u in users]
             exclude = [list(histories[u]) for u in users] if eval_cfg.exclude_history else None
+            allowed = restriction.allowed(users) if restriction is not None else None
             bodies, closed = generate_rationales(model, think, prompts, cfg.max_think_tokens, pad,
                                                  do_sample=cfg.do_sample, temperature=cfg.temperature,
                                                  top_p=cfg.top_p, seed=cfg.seed + number)
             think_prefixes = [close_think(think, p, b) for p, b in zip(prompts, bodies)]
             empty_prefixes = [close_think(think, p, None) for p in prompts]
             out = {"closed": closed, "think_tokens": np.array([len(b) for b in bodies])}
-            out["items_think"] = decoder.decode(think_prefixes, exclude=exclude).items.cpu().numpy()
+            out["items_think"] = decoder.decode(think_prefixes, exclude=exclude,
+                                                allowed_prefixes=allowed).items.cpu().numpy()
             if mode == "both":
-                out["items_nothink"] = decoder.decode(empty_prefixes, exclude=exclude).items.cpu().numpy()
+                out["items_nothink"] = decoder.decode(empty_prefixes, exclude=exclude,
+                                                      allowed_prefixes=allowed).items.cpu().numpy()
                 target = torch.as_tensor([[int(targets[u])] for u in users])  # [b, 1]
                 out["ll_think"] = decoder.score_items(think_prefixes, items=target).scores[:, 0].float().cpu().numpy()
                 out["ll_nothink"] = decoder.score_items(empty_prefixes, items=target).scores[:, 0].float().cpu().numpy()
@@ -204,9 +211,11 @@ def think_report(merged: dict, targets: np.ndarray, mode: str, cfg: ThinkEvalCon
 
 
 def evaluate_thinking(eval_cfg, mode: str, model, tokenizer, item_tok, item_codes: np.ndarray, catalogue,
-                      examples, batches, report_args: dict, output_dir) -> tuple[dict, dict]:
+                      examples, batches, report_args: dict, output_dir, domains=None,
+                      restriction=None) -> tuple[dict, dict]:
     """Run the think (and nothink) evaluation in this process or on ``eval.num_workers`` Ray shards; returns the
-    summary entries (``think_report``, plus users_per_s) and the per-user predictions."""
+    summary entries (``think_report``, plus users_per_s) and the per-user predictions. ``domains`` /
+    ``restriction``: as in ``think_decode_batches`` (None: single-domain data)."""
     from onerec_dist.evaluation import Stopwatch, build_decoder
 
     clock = Stopwatch()
@@ -219,11 +228,13 @@ def evaluate_thinking(eval_cfg, mode: str, model, tokenizer, item_tok, item_code
         model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
         save_model_ids(model_dir, item_codes, catalogue.item_ids, item_tok.codebook_sizes, item_tok)
-        results = think_sharded(eval_cfg, mode, str(model_dir), item_codes, histories, targets, batches)
+        results = think_sharded(eval_cfg, mode, str(model_dir), item_codes, histories, targets, batches, domains,
+                                restriction)
     else:
         decoder = build_decoder(model, item_tok, item_codes, eval_cfg, tokenizer.pad_token_id or 0)
         results = think_decode_batches(decoder, model, tokenizer, item_codes, histories, targets, batches,
-                                       list(range(len(batches))), eval_cfg, mode)
+                                       list(range(len(batches))), eval_cfg, mode, domains=domains,
+                                       restriction=restriction)
     merged = merge_think_batches(results, batches, len(targets))
     seconds = clock.seconds()
     report = think_report(merged, targets, mode, eval_cfg.reasoning, report_args)

@@ -23,6 +23,12 @@ clip fraction 0; it becomes non-zero with ``rl.updates_per_rollout`` > 1.
 
 ``rl.debug.shuffle_rewards`` permutes the rewards of a step across all its samples (the control: no rationale earns
 its own reward any more, so the reward must not rise).
+
+Domains (OneReason's specialists; data with several domains, onerec_dist/data/domains.py): prompts name the user's
+domain, and the reward's decode and the held-out decode keep each user inside its domain's catalogue (the
+``PromptSet`` carries a decoding/domains.DomainRestriction that every take / rollout keeps, so the workers' and the
+rollout actors' decoders need nothing else). ``rl.domain=<name>`` trains a specialist: only that domain's training
+users, held-out users of that domain; null trains on all domains mixed (the joint run).
 """
 
 from __future__ import annotations
@@ -114,9 +120,22 @@ class RLConfig:
     seed: int = 0
     resume: str | None = None
     trainable: Literal["full", "lora"] = "full"
+    domain: str | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
     debug: RLDebugConfig = field(default_factory=RLDebugConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+
+    def domain_index(self, domain_names: list[str]) -> int | None:
+        """Index of ``rl.domain`` among the data's domains; None for null (all domains). ValueError naming rl.domain
+        and the allowed names when the data has no such domain (or a single domain)."""
+        if self.domain is None:
+            return None
+        if len(domain_names) < 2 or self.domain not in domain_names:
+            allowed = (", ".join(map(repr, domain_names)) if len(domain_names) > 1 else
+                       "none: the data has a single domain")
+            raise ValueError(f"rl.domain={self.domain!r} is not a domain of the data; allowed values: null (all "
+                             f"domains), {allowed}")
+        return domain_names.index(self.domain)
 
     def __post_init__(self) -> None:
         if isinstance(self.debug, dict):
@@ -125,6 +144,8 @@ class RLConfig:
             self.rollout = RolloutConfig(**self.rollout)
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
+        require(self.domain is None or bool(self.domain.strip()), "rl.domain",
+                "must be null (all domains) or a domain name of the data")
         require(self.trainable in TRAINABLE, "rl.trainable",
                 f"{self.trainable!r} is not allowed; allowed values: {', '.join(TRAINABLE)}")
         require(self.group_size >= 2, "rl.group_size", f"{self.group_size}: group-relative advantages need G >= 2")
@@ -189,6 +210,7 @@ class PromptSet:
     targets: np.ndarray             # [U] catalogue rows
     target_codes: np.ndarray        # [U, L] semantic IDs of the targets
     histories: list[list[int]]      # U x catalogue rows (for reporting; exclusion is off as in training)
+    restriction: Any = None         # decoding/domains.DomainRestriction over the U users; None: whole catalogue
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -196,7 +218,14 @@ class PromptSet:
     def take(self, rows) -> "PromptSet":
         rows = list(rows)
         return PromptSet([self.prompts[i] for i in rows], self.targets[rows], self.target_codes[rows],
-                         [self.histories[i] for i in rows])
+                         [self.histories[i] for i in rows],
+                         self.restriction.take(rows) if self.restriction is not None else None)
+
+    def allowed_prefixes(self, group_size: int = 1):
+        """AllowedPrefixes of every user repeated ``group_size`` times in a row (its G rollouts), or None."""
+        if self.restriction is None:
+            return None
+        return self.restriction.repeat(group_size).allowed(range(len(self) * group_size))
 
 
 class PromptSampler:
@@ -270,6 +299,7 @@ class Rollout:
     closed: np.ndarray              # [N] bool: the model wrote </think>
     target_codes: torch.Tensor      # [N, L]
     group_size: int
+    allowed: Any = None             # decoding.constraints.AllowedPrefixes [N]: each row's domain; None: all items
 
 
 def sample_rationales(model, think, prompts: PromptSet, cfg: RLConfig, pad_token_id: int, seed: int) -> Rollout:
@@ -280,15 +310,16 @@ def sample_rationales(model, think, prompts: PromptSet, cfg: RLConfig, pad_token
     bodies, closed = generate_rationales(model, think, repeated, cfg.max_think_tokens, pad_token_id, do_sample=True,
                                          temperature=cfg.temperature, top_p=1.0, seed=seed)
     codes = torch.as_tensor(np.repeat(prompts.target_codes, cfg.group_size, axis=0), dtype=torch.long)  # [N, L]
-    return Rollout(repeated, bodies, closed, codes, cfg.group_size)
+    return Rollout(repeated, bodies, closed, codes, cfg.group_size, prompts.allowed_prefixes(cfg.group_size))
 
 
 def rollout_rewards(decoder, think, rollout: Rollout, reward: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rewards [B, G], per-level best match [N, L]) from ONE constrained decode of all N = B*G prefixes."""
+    """(rewards [B, G], per-level best match [N, L]) from ONE constrained decode of all N = B*G prefixes (each row
+    inside its domain's catalogue when the rollout carries ``allowed``)."""
     from onerec_dist.reasoning.cot_format import close_think
 
     prefixes = [close_think(think, p, b) for p, b in zip(rollout.prompts, rollout.bodies)]
-    result = decoder.decode(prefixes)
+    result = decoder.decode(prefixes, allowed_prefixes=rollout.allowed)
     beams = result.codes.cpu().masked_fill((result.items.cpu() < 0).unsqueeze(-1), MISSING_CODE)   # [N, K, L]
     target = rollout.target_codes                                                                  # [N, L]
     rewards = compute_reward(reward, beams, target).view(-1, rollout.group_size)                   # [B, G]
@@ -392,7 +423,8 @@ def heldout_sums(model, decoder, think, users: PromptSet, reward: str, max_think
     if len(users) == 0:
         return {"users": 0.0, "hits": 0.0, "reward_sum": 0.0, "unclosed": 0.0}
     bodies, closed = generate_rationales(model, think, users.prompts, max_think_tokens, pad_token_id)
-    result = decoder.decode([close_think(think, p, b) for p, b in zip(users.prompts, bodies)])
+    result = decoder.decode([close_think(think, p, b) for p, b in zip(users.prompts, bodies)],
+                            allowed_prefixes=users.allowed_prefixes())
     items = result.items.cpu()                                                               # [U, K]
     hits = (items[:, :k] == torch.as_tensor(users.targets).unsqueeze(1)).any(dim=1)         # [U]
     beams = result.codes.cpu().masked_fill((items < 0).unsqueeze(-1), MISSING_CODE)         # [U, K, L]
@@ -403,15 +435,43 @@ def heldout_sums(model, decoder, think, users: PromptSet, reward: str, max_think
 
 # ---------------------------------------------------------------------------------------------- the run (driver)
 def prompt_set(tokenizer, think, item_codes: np.ndarray, examples, max_prompt_length: int,
-               limit: int | None = None) -> PromptSet:
-    """The inference prompts of ``examples`` (first ``limit`` users), history cut from the left to fit."""
+               limit: int | None = None, data=None) -> PromptSet:
+    """The inference prompts of ``examples`` (first ``limit`` users), history cut from the left to fit. ``data``
+    with several domains: prompts name each user's domain and the set carries their domain restriction."""
+    from onerec_dist.data.domains import user_domain_names
+    from onerec_dist.decoding.domains import domain_restriction
     from onerec_dist.reasoning.cot_format import inference_prompt
 
     count = len(examples) if limit is None else min(limit, len(examples))
     histories = [list(examples.histories[i]) for i in range(count)]
     targets = np.asarray(examples.targets[:count], dtype=np.int64)
-    prompts = [inference_prompt(tokenizer, think, item_codes, h, max_prompt_length) for h in histories]
-    return PromptSet(prompts, targets, np.asarray(item_codes)[targets].reshape(count, -1), histories)
+    users = list(examples.users[:count])
+    names = (user_domain_names(data, users) if data is not None else None) or [None] * count
+    prompts = [inference_prompt(tokenizer, think, item_codes, h, max_prompt_length, domain=d)
+               for h, d in zip(histories, names)]
+    restriction = domain_restriction(data, users, item_codes) if data is not None else None
+    return PromptSet(prompts, targets, np.asarray(item_codes)[targets].reshape(count, -1), histories, restriction)
+
+
+def domain_examples(rl: RLConfig, data, splits) -> tuple:
+    """(training examples, validation examples or None) of ``rl.domain`` (all domains for null); ValueError when
+    rl.beam_width exceeds a trained domain's catalogue."""
+    from onerec_dist.data.domains import examples_of_domain, has_domains
+
+    train, valid = splits["train"], splits.get("valid")
+    domain = rl.domain_index(data.domain_names)
+    if domain is not None:
+        train = examples_of_domain(train, data, domain)
+        valid = examples_of_domain(valid, data, domain) if valid is not None else None
+    if has_domains(data):
+        trained = [domain] if domain is not None else range(len(data.domain_names))
+        sizes = {data.domain_names[d]: int((np.asarray(data.item_domains) == d).sum()) for d in trained}
+        smallest = min(sizes, key=sizes.get)
+        if rl.beam_width > sizes[smallest]:
+            raise ValueError(f"rl.beam_width={rl.beam_width} is larger than domain {smallest!r}'s catalogue "
+                             f"({sizes[smallest]} items; decoding stays inside it); allowed values: "
+                             f"1..{sizes[smallest]}")
+    return train, valid
 
 
 def rl_engine_configs(cfg, rl: RLConfig):
@@ -459,14 +519,15 @@ def run_rl(cfg, output_dir) -> dict[str, Any]:
     item_codes, _, ids_source = semantic_ids_for_run(cfg, data, model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     think, _ = check_policy(tokenizer, ItemTokenizer.from_tokenizer, len(item_codes), rl)
-    train = prompt_set(tokenizer, think, item_codes, splits["train"], rl.max_prompt_length)
-    valid = splits.get("valid")
-    heldout = prompt_set(tokenizer, think, item_codes, valid, rl.max_prompt_length, rl.heldout_users) \
+    train_examples, valid = domain_examples(rl, data, splits)
+    train = prompt_set(tokenizer, think, item_codes, train_examples, rl.max_prompt_length, data=data)
+    heldout = prompt_set(tokenizer, think, item_codes, valid, rl.max_prompt_length, rl.heldout_users, data=data) \
         if valid is not None and rl.heldout_users else train.take([])
     print(f"rl: GRPO G={rl.group_size} K={rl.beam_width}, {rl.prompts_per_rank} prompts x {trainer.num_workers} "
           f"worker(s), ZeRO-{ds.zero_stage}, {rl.trainable}, {rl.max_steps} steps, reward {rl.reward}"
           + (", rewards shuffled (control)" if rl.debug.shuffle_rewards else "")
-          + (f", rollouts on {rl.rollout.num_actors} Ray actor(s)" if rl.rollout.backend == "actors" else ""),
+          + (f", rollouts on {rl.rollout.num_actors} Ray actor(s)" if rl.rollout.backend == "actors" else "")
+          + (f", domain {rl.domain!r} ({len(train)} training examples)" if rl.domain is not None else ""),
           flush=True)
     config = {"rl": rl, "model_dir": str(model_dir), "item_codes": np.asarray(item_codes), "train": train,
               "heldout": heldout, "output_dir": str(output_dir), "resume_dir": rl.resume}
@@ -476,7 +537,8 @@ def run_rl(cfg, output_dir) -> dict[str, Any]:
         summary = run_on_workers(rl_loop, config, trainer, ds, output_dir)[0]
     copy_model_ids(model_dir, summary["export_dir"])
     summary.update({"semantic_ids": ids_source, "model": str(model_dir), "num_items": len(item_codes),
-                    "shuffle_rewards": rl.debug.shuffle_rewards, "trainable": rl.trainable})
+                    "shuffle_rewards": rl.debug.shuffle_rewards, "trainable": rl.trainable, "domain": rl.domain,
+                    "train_examples": len(train), "domains": list(data.domain_names)})
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"rl: reward {summary['reward_first10']:.4f} (first 10 steps) -> {summary['reward_last10']:.4f} "
           f"(last 10); kl_max {summary['kl_max']:.3g}; held-out {summary['heldout']}", flush=True)

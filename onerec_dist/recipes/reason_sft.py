@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 from onerec_dist.data.config import data_config
+from onerec_dist.data.domains import domain_name_by_user
 from onerec_dist.data.splits import load_dataset, make_splits
 from onerec_dist.model_setup import build_recommender, model_config, semantic_ids_for_run
 from onerec_dist.reasoning.bootstrap import RECORDS_STEM, ReasoningConfig, reasoning_config
@@ -147,7 +148,7 @@ def run_sft(cfg, output_dir: Path) -> dict:
                                                                                 sft.think_init_noise)
     examples = cot_sft_examples(records, item_codes, tokenizer, think, max_length=sft.max_length,
                                 nothink_ratio=sft.nothink_ratio, shuffle_rationales=sft.shuffle_rationales,
-                                seed=sft.seed)
+                                seed=sft.seed, user_domains=domain_name_by_user(data))
     nothink = sum(e.task == NOTHINK_TASK for e in examples)
     data_stats = {"examples": len(examples), "think_examples": len(examples) - nothink, "nothink_examples": nothink,
                   "total_tokens": sum(len(e.input_ids) for e in examples),

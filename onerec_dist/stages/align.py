@@ -112,7 +112,7 @@ def run(cfg, output_dir: Path, stage: str | None = None) -> dict:
     del examples
     job = AlignJob(str(init_dir), trainable, str(data_dir), item_tok.item_token_ids().tolist(),
                    align_cfg.multitask.lora if trainable == "lora" else None,
-                   write_validation_sample(splits.get("valid"), item_codes, align_cfg, stage_dir, cfg.seed),
+                   write_validation_sample(splits.get("valid"), item_codes, align_cfg, stage_dir, cfg.seed, data),
                    align_cfg.validation_beam)
     summary = run_training(job, trainer_cfg, ds_cfg, stage_dir)
     summary.pop("log", None)
@@ -127,9 +127,12 @@ def run(cfg, output_dir: Path, stage: str | None = None) -> dict:
     return summary
 
 
-def write_validation_sample(valid, item_codes, align_cfg: AlignConfig, stage_dir: Path, seed: int) -> str:
+def write_validation_sample(valid, item_codes, align_cfg: AlignConfig, stage_dir: Path, seed: int,
+                            data=None) -> str:
     """The fixed sample of validation users that trainer.validate_every scores, as JSON for the workers; "" when
-    the dataset has no validation split (onerec_dist/training/validation.py)."""
+    the dataset has no validation split (onerec_dist/training/validation.py). ``data`` with several domains adds
+    each sampled user's domain and each item's, so validation prompts and decoding match `onerec eval`."""
+    from onerec_dist.data.domains import has_domains
     from onerec_dist.training.validation import sample_users
 
     if valid is None or len(valid) == 0:
@@ -137,9 +140,12 @@ def write_validation_sample(valid, item_codes, align_cfg: AlignConfig, stage_dir
     pick = sample_users(len(valid), align_cfg.validation_users, seed).tolist()
     path = stage_dir / "validation_sample.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"histories": [list(valid.histories[i]) for i in pick],
-                                "targets": [int(valid.targets[i]) for i in pick],
-                                "item_codes": [[int(c) for c in row] for row in item_codes]}))
+    sample = {"histories": [list(valid.histories[i]) for i in pick], "targets": [int(valid.targets[i]) for i in pick],
+              "item_codes": [[int(c) for c in row] for row in item_codes]}
+    if data is not None and has_domains(data):
+        sample.update(domain_names=list(data.domain_names), item_domains=[int(d) for d in data.item_domains],
+                      user_domains=[int(data.user_domains[valid.users[i]]) for i in pick])
+    path.write_text(json.dumps(sample))
     return str(path)
 
 

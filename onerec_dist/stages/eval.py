@@ -2,7 +2,11 @@
 validation) users, by constrained beam search over the whole catalogue; per-user predictions to parquet.
 
 The item IDs are those the model carries (``<model>/sid_table.json``, onerec_dist.sid.model_ids): ``sid.*`` settings
-given explicitly must give the same IDs, or the stage stops naming both sources."""
+given explicitly must give the same IDs, or the stage stops naming both sources.
+
+Data with several domains (onerec_dist/data/domains.py): prompts name the user's domain, the model (and the popularity
+baseline) recommend only items of the user's domain (decoding/domains.py), and every method's report gains
+``per_domain: {name: {recall@k, ndcg@k, validity, users}}`` (metrics.per_domain_report)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from onerec_dist.data.config import data_config
+from onerec_dist.data.domains import user_domain_indices, user_domain_names
 from onerec_dist.data.splits import load_dataset, make_splits
 from onerec_dist.devices import resolve_device
 from onerec_dist.evaluation import (
@@ -24,7 +29,7 @@ from onerec_dist.evaluation import (
     most_popular,
     training_item_counts,
 )
-from onerec_dist.metrics import ranking_report
+from onerec_dist.metrics import per_domain_report, ranking_report
 from onerec_dist.model_setup import build_recommender, model_config, semantic_ids_for_run
 from onerec_dist.reasoning.think_eval import evaluate_thinking, format_think_report, resolve_mode
 from onerec_dist.sid.model_ids import save_model_ids
@@ -47,50 +52,65 @@ def run(cfg, output_dir: Path) -> dict:
                      "num_items": len(data.catalogue), "beam_width": eval_cfg.beam_width,
                      "normalization": eval_cfg.normalization, "semantic_ids": ids_source}
     report_args = dict(num_items=len(data.catalogue), ks=eval_cfg.ks, ndcg_ks=eval_cfg.ndcg_ks)
+    domains = user_domain_indices(data, examples.users)  # [U] domain of each user; None: single domain
+
+    def report(items) -> dict:
+        out = ranking_report(items, targets, **report_args)
+        if domains is not None:
+            out["per_domain"] = per_domain_report(items, targets, domains, data.domain_names, **report_args)
+        return out
+
+    if domains is not None:
+        summary["domains"] = {name: int((domains == d).sum()) for d, name in enumerate(data.domain_names)}
     predictions = {}
     if "popular" in eval_cfg.baseline:
         counts = training_item_counts(data.sequences, splits.get("train"), data.given_splits is None)
         clock = Stopwatch()
-        items = most_popular(counts, len(data.catalogue), eval_cfg.top_k, len(examples))
-        summary["popular"] = {**ranking_report(items, targets, **report_args),
-                              "users_per_s": len(examples) / max(clock.seconds(), 1e-9)}
+        items = most_popular(counts, len(data.catalogue), eval_cfg.top_k, len(examples),
+                             data.item_domains if domains is not None else None, domains)
+        summary["popular"] = {**report(items), "users_per_s": len(examples) / max(clock.seconds(), 1e-9)}
         predictions["popular"] = items
     if "sasrec" in eval_cfg.baseline:  # trained here on the training interactions, selected on validation
         from onerec_dist.baselines.sasrec import sasrec_baseline
 
         items, info = sasrec_baseline(data, splits, examples, eval_cfg.sasrec, eval_cfg.top_k, eval_cfg.exclude_history)
-        summary["sasrec"] = {**ranking_report(items, targets, **report_args), **info}
+        summary["sasrec"] = {**report(items), **info}
         predictions["sasrec"] = items
     if eval_cfg.model or "hf_generate" in eval_cfg.baseline:
+        from onerec_dist.decoding.domains import domain_restriction
+
         model, tokenizer, item_tok = build_recommender(model_cfg, data, sizes, item_codes, seed=cfg.seed)
         model.eval().to(resolve_device(eval_cfg.device))
-        prompts = build_prompts(tokenizer, examples, item_codes)
+        names = user_domain_names(data, examples.users)
+        restriction = domain_restriction(data, examples.users, item_codes)  # None: single domain
+        prompts = build_prompts(tokenizer, examples, item_codes, names)
         batches = length_batches(prompts, eval_cfg.batch_size)
         summary["avg_prompt_tokens"] = float(np.mean([len(p) for p in prompts]))
         think_mode = resolve_mode(eval_cfg.reasoning.mode, tokenizer) if eval_cfg.model else "none"
         if think_mode != "none":  # thinking vs non-thinking, same users and beams (reasoning/think_eval.py)
-            report, think_predictions = evaluate_thinking(eval_cfg, think_mode, model, tokenizer, item_tok,
-                                                          item_codes, data.catalogue, examples, batches, report_args,
-                                                          output_dir)
-            summary.update(report)
+            think, think_predictions = evaluate_thinking(eval_cfg, think_mode, model, tokenizer, item_tok,
+                                                         item_codes, data.catalogue, examples, batches, report_args,
+                                                         output_dir, domains=names, restriction=restriction)
+            for name, items in think_predictions.items():
+                if domains is not None:
+                    think[name]["per_domain"] = per_domain_report(items, targets, domains, data.domain_names,
+                                                                  **report_args)
+            summary.update(think)
             predictions.update(think_predictions)
-            print(format_think_report(report))
+            print(format_think_report(think))
         elif eval_cfg.model:
             items, scores, seconds = decode_model(eval_cfg, model, tokenizer, item_tok, item_codes, data.catalogue,
-                                                  prompts, examples.histories, batches, output_dir)
-            summary["model"] = {**ranking_report(items, targets, **report_args),
-                                "users_per_s": len(examples) / max(seconds, 1e-9), "seconds": seconds}
+                                                  prompts, examples.histories, batches, output_dir, restriction)
+            summary["model"] = {**report(items), "users_per_s": len(examples) / max(seconds, 1e-9),
+                                "seconds": seconds}
             predictions["model"] = items
             predictions["model_scores"] = scores
         if "hf_generate" in eval_cfg.baseline:
             items, seconds = decode_hf(eval_cfg, model, tokenizer, item_tok, item_codes, prompts, batches)
-            summary["hf_generate"] = {**ranking_report(items, targets, **report_args),
+            summary["hf_generate"] = {**report(items),
                                       "users_per_s": len(examples) / max(seconds, 1e-9), "seconds": seconds}
             predictions["hf_generate"] = items
-    for name in ("model", "popular", "sasrec", "hf_generate"):
-        if name in summary:
-            print(f"eval {name:12s} " + "  ".join(f"{k}={v:.4f}" for k, v in summary[name].items()
-                                                  if k.startswith(("recall@", "ndcg@", "validity"))))
+    print_reports(summary)
     main = (summary.get("model") or summary.get("think") or summary.get("hf_generate") or summary.get("sasrec")
             or summary["popular"])
     summary.update({k: v for k, v in main.items() if k.startswith(("recall@", "ndcg@", "validity"))})
@@ -99,8 +119,22 @@ def run(cfg, output_dir: Path) -> dict:
     return summary
 
 
+def print_reports(summary: dict) -> None:
+    """One line per method (think / nothink: format_think_report prints those), then one per domain of each."""
+    for name in ("model", "popular", "sasrec", "hf_generate", "think", "nothink"):
+        if name not in summary:
+            continue
+        rows = [("", summary[name])] if name not in ("think", "nothink") else []
+        rows += [(f" [{d}]", values) for d, values in summary[name].get("per_domain", {}).items()]
+        for label, values in rows:
+            print(f"eval {name + label:12s} " + "  ".join(f"{k}={v:.4f}" for k, v in values.items()
+                                                          if k.startswith(("recall@", "ndcg@", "validity"))))
+
+
 def decode_model(eval_cfg, model, tokenizer, item_tok, item_codes, catalogue, prompts, histories, batches,
-                 output_dir):
+                 output_dir, restriction=None):
+    """(items [U, K], scores [U, K], seconds) of the model; ``restriction``: each user only in its domain's
+    catalogue (decoding/domains.DomainRestriction, None: the whole catalogue)."""
     clock = Stopwatch()
     if eval_cfg.num_workers > 1:
         from onerec_dist.distributed.eval_shards import decode_sharded
@@ -109,10 +143,11 @@ def decode_model(eval_cfg, model, tokenizer, item_tok, item_codes, catalogue, pr
         model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
         save_model_ids(model_dir, item_codes, catalogue.item_ids, item_tok.codebook_sizes, item_tok)
-        results = decode_sharded(eval_cfg, str(model_dir), item_codes, prompts, histories, batches)
+        results = decode_sharded(eval_cfg, str(model_dir), item_codes, prompts, histories, batches, restriction)
     else:
         decoder = build_decoder(model, item_tok, item_codes, eval_cfg, tokenizer.pad_token_id or 0)
-        results = decode_batches(decoder, prompts, histories, batches, eval_cfg.exclude_history)
+        results = decode_batches(decoder, prompts, histories, batches, eval_cfg.exclude_history,
+                                 restriction=restriction)
     items, scores = merge_batches(results, batches, len(prompts), eval_cfg.top_k)
     return items, scores, clock.seconds()
 

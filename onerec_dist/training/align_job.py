@@ -66,14 +66,14 @@ class AlignJob:
 
         import numpy as np
 
-        from onerec_dist.training.validation import validate_recommender
+        from onerec_dist.training.validation import domain_sample, validate_recommender
 
         if not self.validation_path:
             raise ValueError("trainer.validate_every is set but the dataset has no validation split to validate on")
         sample = json.loads(Path(self.validation_path).read_text())
         return validate_recommender(model, self._tokenizer, np.asarray(sample["item_codes"]), sample["histories"],
                                     sample["targets"], self._rank, self._world_size, beam_width=self.validation_beam,
-                                    top_k=10)
+                                    top_k=10, domains=domain_sample(sample))
 
     def loss_units(self, batch: dict[str, Any]) -> int:
         return count_loss_tokens(batch["labels"])

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from onerec_dist.data.domains import user_domain_names
 from onerec_dist.data.types import DropReport, Examples, InteractionData
 from onerec_dist.prompts import end_of_turn_ids, next_item_question, render_prompt
 from onerec_dist.sid.tokens import ItemTokenizer
@@ -217,13 +218,15 @@ def _persona_rows(context: dict, start: int, stop: int) -> tuple[list[AlignmentE
 # ---------------------------------------------------------------- 2. sequential preference modelling
 
 
-def _fit_history_prompt(tokenizer, codes: np.ndarray, history: list[int], budget: int) -> tuple[list[int], int]:
+def _fit_history_prompt(tokenizer, codes: np.ndarray, history: list[int], budget: int,
+                        domain: str | None = None) -> tuple[list[int], int]:
     """The prompt with the longest suffix of ``history`` whose length is <= ``budget``, and that suffix's length
     (0 and [] when even one item does not fit). The prompt length grows with the number of items, so binary
-    search finds the longest fitting suffix in O(log n) renders."""
+    search finds the longest fitting suffix in O(log n) renders. ``domain``: named in the prompt (data with
+    several domains; None: unchanged)."""
 
     def render(k: int) -> list[int]:
-        return render_prompt(tokenizer, next_item_question(codes[history[-k:]].tolist()))
+        return render_prompt(tokenizer, next_item_question(codes[history[-k:]].tolist(), domain))
 
     full = render(len(history))
     if len(full) <= budget:
@@ -254,7 +257,8 @@ def sequential_preference(data: InteractionData, train: Examples, item_codes: np
     ids = item_token_table(tokenizer, codes, len(data.catalogue))
     _check_item_indices(train, len(data.catalogue))
     context = {"tokenizer": tokenizer, "codes": codes, "ids": ids, "train": train, "eos": end_of_turn_ids(tokenizer),
-               "max_length": max_length, "max_history": max_history}
+               "max_length": max_length, "max_history": max_history,
+               "domains": user_domain_names(data, train.users)}  # [E] names, None: single domain
     examples, chunk_report = build_in_chunks(_sequential_rows, context, len(train), processes=processes,
                                              min_parallel_rows=min_parallel_rows, desc=f"align data: {SEQUENTIAL}")
     report.merge(chunk_report)
@@ -275,7 +279,8 @@ def _sequential_rows(context: dict, start: int, stop: int) -> tuple[list[Alignme
             continue
         history = list(history[-max_history:] if max_history else history)
         answer = ids[target] + eos
-        prompt, kept = _fit_history_prompt(tokenizer, codes, history, max_length - len(answer))
+        domain = context["domains"][i] if context.get("domains") else None
+        prompt, kept = _fit_history_prompt(tokenizer, codes, history, max_length - len(answer), domain)
         if kept == 0:
             raise ValueError(f"{SEQUENTIAL}: max_length={max_length} cannot hold a prompt with one history item "
                              f"plus the {len(answer)}-token answer ({source}); raise max_length")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from onerec_dist.data.domains import domain_name_by_user
 from onerec_dist.data.types import DropReport, Examples, InteractionData
 from onerec_dist.prompts import end_of_turn_ids
 from onerec_dist.training.batching import IGNORE_INDEX
@@ -56,14 +57,15 @@ def _item_spans(prompt: list[int], items: list[int], ids: list[list[int]]) -> li
 
 
 def whole_sequence_example(tokenizer, codes: np.ndarray, ids: list[list[int]], items: list[int], first_target: int,
-                           eos: list[int], source: str):
+                           eos: list[int], source: str, domain: str | None = None):
     """One example over ``items`` (context s_0 then targets): prompt listing items[:-1], answer items[-1]. Loss on
-    the answer and on the ID tokens of the listed items whose position is >= ``first_target`` (>= 1)."""
+    the answer and on the ID tokens of the listed items whose position is >= ``first_target`` (>= 1). ``domain``:
+    the user's domain, named in the prompt (data with several domains)."""
     from onerec_dist.prompts import next_item_question, render_prompt
     from onerec_dist.training.tasks import SEQUENTIAL, AlignmentExample
 
     history = items[:-1]
-    prompt = render_prompt(tokenizer, next_item_question(codes[history].tolist()))
+    prompt = render_prompt(tokenizer, next_item_question(codes[history].tolist(), domain))
     labels = [IGNORE_INDEX] * len(prompt)
     for position, (start, end) in enumerate(_item_spans(prompt, history, ids)):
         if position >= first_target:
@@ -86,7 +88,8 @@ def whole_sequence_preference(data: InteractionData, train: Examples, item_codes
     _check_item_indices(train, len(data.catalogue))
     sequences = list(training_items(train).items())
     context = {"tokenizer": tokenizer, "codes": codes, "ids": ids, "sequences": sequences,
-               "eos": end_of_turn_ids(tokenizer), "max_length": max_length, "max_history": max_history}
+               "eos": end_of_turn_ids(tokenizer), "max_length": max_length, "max_history": max_history,
+               "domains": domain_name_by_user(data)}  # {user: domain name}, None: single domain
     examples, chunk_report = build_in_chunks(
         _whole_sequence_rows, context, len(sequences), processes=processes,
         min_parallel_rows=MIN_PARALLEL_ROWS if min_parallel_rows is None else min_parallel_rows,
@@ -105,11 +108,12 @@ def _whole_sequence_rows(context: dict, start: int, stop: int) -> tuple[list, Dr
     max_length, max_history = context["max_length"], context["max_history"]
     examples = []
     for user, sequence in context["sequences"][start:stop]:
+        domain = context["domains"][user] if context.get("domains") else None
         end, windows = len(sequence) - 1, []  # ``end``: index of this window's answer item
         while end >= 1:
             answer_len = len(ids[sequence[end]]) + len(eos)
             context_items = sequence[max(0, end - max_history) if max_history else 0:end]
-            _, kept = _fit_history_prompt(tokenizer, codes, context_items, max_length - answer_len)
+            _, kept = _fit_history_prompt(tokenizer, codes, context_items, max_length - answer_len, domain)
             if kept == 0:
                 raise ValueError(f"{SEQUENTIAL}: max_length={max_length} cannot hold a prompt with one history item "
                                  f"plus the {answer_len}-token answer (user {user}); raise max_length")
@@ -117,7 +121,7 @@ def _whole_sequence_rows(context: dict, start: int, stop: int) -> tuple[list, Dr
             # Window items sequence[start_item .. end]; position 0 is context only (its own target, if any, is the
             # answer of the next window), positions 1 .. kept are targets.
             windows.append(whole_sequence_example(tokenizer, codes, ids, sequence[start_item:end + 1], 1, eos,
-                                                  f"user {user} items {start_item}..{end}"))
+                                                  f"user {user} items {start_item}..{end}", domain))
             end = start_item
         if len(windows) > 1:
             report.add(f"user sequence cut into windows of max_length={max_length} tokens / max_history items",

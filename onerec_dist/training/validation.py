@@ -108,11 +108,22 @@ def sample_users(num_users: int, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, 7]).choice(num_users, size=limit, replace=False))
 
 
+def domain_sample(sample: dict) -> dict | None:
+    """The domain part of a validation sample (stages/align.write_validation_sample): {"names": [D],
+    "item_domains": [N], "user_domains": [U]}, or None for single-domain data."""
+    if "domain_names" not in sample:
+        return None
+    return {"names": sample["domain_names"], "item_domains": sample["item_domains"],
+            "user_domains": sample["user_domains"]}
+
+
 def validate_recommender(model, tokenizer, item_codes: np.ndarray, histories: list[list[int]], targets: list[int],
                          rank: int, world_size: int, beam_width: int = 20, top_k: int = 10,
-                         batch_size: int = 64, ks: tuple[int, ...] = (10,)) -> dict[str, float]:
+                         batch_size: int = 64, ks: tuple[int, ...] = (10,), domains: dict | None = None
+                         ) -> dict[str, float]:
     """This rank's share of the validation users (positions rank, rank + W, ...): constrained beam search over the
-    catalogue, returning sums {recall@k, ndcg@k for k in ks, users} for ``mean_metrics`` after the all-reduce."""
+    catalogue, returning sums {recall@k, ndcg@k for k in ks, users} for ``mean_metrics`` after the all-reduce.
+    ``domains`` (``domain_sample``): prompts name each user's domain and decoding stays inside its catalogue."""
     from onerec_dist.data.types import Examples
     from onerec_dist.evaluation import build_decoder, build_prompts, decode_batches, length_batches, merge_batches
     from onerec_dist.evaluation import EvalConfig
@@ -129,9 +140,18 @@ def validate_recommender(model, tokenizer, item_codes: np.ndarray, histories: li
     eval_cfg = EvalConfig(beam_width=beam_width, top_k=top_k, ks=[top_k], ndcg_ks=[top_k], baseline=[])
     decoder = build_decoder(model, ItemTokenizer.from_tokenizer(tokenizer), item_codes, eval_cfg,
                             tokenizer.pad_token_id or 0)
-    prompts = build_prompts(tokenizer, examples, item_codes)
+    restriction, names = None, None
+    if domains is not None:
+        from onerec_dist.decoding.domains import DomainPrefixes, DomainRestriction
+
+        user_domains = np.asarray(domains["user_domains"], dtype=np.int64)[mine]  # [u] of this rank's users
+        names = [domains["names"][d] for d in user_domains.tolist()]
+        restriction = DomainRestriction(DomainPrefixes.build(item_codes, domains["item_domains"],
+                                                             len(domains["names"])), user_domains)
+    prompts = build_prompts(tokenizer, examples, item_codes, names)
     batches = length_batches(prompts, batch_size)
-    results = decode_batches(decoder, prompts, examples.histories, batches, False, progress=False)
+    results = decode_batches(decoder, prompts, examples.histories, batches, False, progress=False,
+                             restriction=restriction)
     items, _ = merge_batches(results, batches, len(prompts), top_k)
     ranks = target_ranks(items, examples.targets)  # [U] 1-based, 0 = miss
     for k in ks:
