@@ -24,6 +24,8 @@ STAGES: dict[str, StageSpec] = {
                                   "run_bootstrap"),
     "reason_sft": StageSpec("onerec_dist.stages.reason", "CoT SFT on the rationales, for pipelines", "run_sft"),
     "rl": StageSpec("onerec_dist.stages.rl", "Reasoning Enhancement: GRPO with the Rollout-Beam reward"),
+    "unify": StageSpec("onerec_dist.stages.unify", "OneReason's unify step: one student from the domain "
+                       "specialists (method=rft | distill)"),
     "eval": StageSpec("onerec_dist.stages.eval", "Recall/NDCG/validity by constrained beam search, with baselines"),
     "ablation": StageSpec("onerec_dist.stages.ablation", "one row of the ablation table (row=base|ia|...), then "
                           "the table"),
