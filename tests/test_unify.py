@@ -182,7 +182,7 @@ def test_distillation_lowers_the_reverse_kl_and_trains_only_the_trainable_weight
     train = unify.distill_prompts(settings, policy, data, splits["train"], codes, 4)  # 4 users per domain
     fixed = unify.distill_prompts(settings, policy, data, splits["valid"], codes, 3)
     assert sorted(set(train.restriction.user_domains.tolist())) == [0, 1]
-    dcfg = settings.distill.__class__(samples_per_prompt=4, max_new_tokens=4, lr=1e-2, importance_cap=2.0)
+    dcfg = settings.distill.__class__(samples_per_prompt=4, max_new_tokens=4, lr=3e-3, importance_cap=2.0)
     pad = student.tokenizer.pad_token_id
     model.get_input_embeddings().weight.requires_grad_(False)  # frozen: must stay bit-identical
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -194,7 +194,9 @@ def test_distillation_lowers_the_reverse_kl_and_trains_only_the_trainable_weight
     kl_after = unify.fixed_prompt_kl(model, teachers, student.think, fixed, 4, pad)
     assert all(np.isfinite(h["loss"]) and h["tokens"] > 0 for h in history)
     assert all(h["weight_mean"] == pytest.approx(1.0) for h in history)  # one update per sample batch: w = 1
-    assert kl_before > 0.05 and kl_after < 0.7 * kl_before, (kl_before, kl_after)
+    # exact KL(student || teacher) per token on the fixed users' greedy rationales: ~0.76 -> ~0.07 (seeded run);
+    # the bound leaves room for other CPUs' rounding
+    assert kl_before > 0.3 and kl_after < 0.3 * kl_before, (kl_before, kl_after)
     sampled = [h["reverse_kl"] for h in history]
     assert np.mean(sampled[-3:]) < np.mean(sampled[:3])  # the sampled (k1) estimate falls too
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
@@ -217,3 +219,35 @@ def test_onerec_unify_distill_end_to_end(world, tmp_path):
     assert [h["step"] for h in summary["history"]] == [1, 2]
     assert [h["step"] for h in summary["kl_history"]] == [0, 1, 2] and summary["fixed_users"] == 2
     assert (tmp_path / "export" / TABLE_FILE).is_file() and (tmp_path / "export" / "config.json").is_file()
+
+
+def test_run_rft_writes_every_domains_hits_and_hands_them_to_the_cot_sft(world, tmp_path, monkeypatch):
+    from onerec_dist.reasoning.bootstrap import read_rationales
+
+    cfg, settings, data, splits, codes, *_, exports = world
+    # K = 40 = a domain's catalogue: every closed rationale hits, so what is kept is decided by closing, the lint and
+    # repeats; keep_unclosed so that the untrained teachers' (rarely closed) rationales count.
+    settings = unify_config({"teachers": {n: exports[n] for n in data.domain_names}, "max_prompt_length": 128,
+                             "rft": {"samples_per_user": 2, "max_think_tokens": 3, "max_users_per_domain": 2,
+                                     "beam_width": 40, "top_k": 40, "keep_unclosed": True, "format": "jsonl"}})
+    handed = {}
+
+    def fake_sft(cfg_, settings_, path, output_dir):  # the CoT SFT runs on the engine (Ray): not in this test
+        handed.update(path=path, student=unify.student_dir(cfg_, settings_))
+        return {"export_dir": str(output_dir / "export")}
+
+    monkeypatch.setattr(unify, "fine_tune_student", fake_sft)
+    with pytest.raises(ValueError, match="unify.student"):
+        unify.run_rft(cfg, settings, data, splits, codes, tmp_path)  # no student, no model.name_or_path
+    settings.student = exports["student"]
+    summary = unify.run_rft(cfg, settings, data, splits, codes, tmp_path)
+    records = read_rationales(handed["path"])
+    assert handed["student"] == exports["student"] and summary["records"] == str(handed["path"])
+    per_domain = summary["per_domain"]
+    assert list(per_domain) == ["Shop A", "Shop B"]
+    assert all(v["users"] == 2 and v["sampled"] == 4 and 1 <= v["kept"] <= 4 for v in per_domain.values())
+    assert summary["kept"] == len(records) == sum(v["kept"] for v in per_domain.values())
+    for record in records:  # each record came from its own domain's teacher, for a user of that domain
+        domain = data.domain_names[data.user_domains[record["user"]]]
+        assert record["teacher"] == f"specialist:{domain}" and json.loads(record["provenance"])["domain"] == domain
+        assert splits["train"].users[record["example_index"]] == record["user"]

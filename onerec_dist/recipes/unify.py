@@ -26,6 +26,7 @@ Both write ``output_dir/summary.json`` and ``output_dir/export/`` (the student, 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -201,12 +202,16 @@ def run_rft(cfg, settings: UnifyConfig, data, splits, item_codes: np.ndarray, ou
     from onerec_dist.recipes.reason_sft import reasoning_section
     from onerec_dist.sid.prefix_index import PrefixIndex
 
+    from onerec_dist.devices import resolve_device
+
     rft, lint_cfg, catalogue = settings.rft, reasoning_section(cfg).lint, data.catalogue
+    device = resolve_device("auto")  # sampling and decoding on one device (the SFT after it uses the engine)
     train = splits["train"]
     codes = torch.as_tensor(np.asarray(item_codes))                                                # [N, L]
     records, per_domain = [], {}
     for d, name in enumerate(data.domain_names):
         teacher = load_policy(cfg, data, settings.teachers[name], item_codes, f"unify.teachers.{name}")
+        teacher.model.to(device)
         rows = domain_rows(train, data, d, rft.max_users_per_domain, settings.seed)
         examples = take_examples(train, rows)
         prompts = prompt_set(teacher.tokenizer, teacher.think, item_codes, examples, settings.max_prompt_length,
@@ -254,7 +259,7 @@ def fine_tune_student(cfg, settings: UnifyConfig, records_path: Path, output_dir
 
     from onerec_dist.recipes.reason_sft import run_sft
 
-    sft_cfg = cfg.copy()
+    sft_cfg = copy.deepcopy(cfg)
     with open_dict(sft_cfg):
         sft_cfg.model.name_or_path = student_dir(cfg, settings)
         sft_cfg.reasoning.sft.rationales_path = str(records_path)
@@ -276,12 +281,13 @@ def teacher_logprobs(teachers: dict[int, Any], batch: dict[str, torch.Tensor], d
     """[N, T-1] log pi_teacher(token) of every row under its own domain's teacher (rows grouped by domain)."""
     from onerec_dist.recipes.grpo import sequence_logprobs
 
-    out = torch.zeros(batch["input_ids"].shape[0], batch["input_ids"].shape[1] - 1)
+    ids = batch["input_ids"]
+    out = torch.zeros(ids.shape[0], ids.shape[1] - 1, device=ids.device)
     with torch.no_grad():
         for d in np.unique(domains).tolist():
-            rows = torch.as_tensor(np.flatnonzero(domains == d))
+            rows = torch.as_tensor(np.flatnonzero(domains == d), device=ids.device)
             part = {k: v[rows] for k, v in batch.items()}
-            out[rows] = sequence_logprobs(teachers[d], part, 1.0)[0].cpu()
+            out[rows] = sequence_logprobs(teachers[d], part, 1.0)[0].to(out.device)
     return out
 
 
@@ -300,7 +306,9 @@ def distill_step(student, teachers: dict[int, Any], optimizer, think, prompts, c
     bodies, closed = generate_rationales(student, think, repeated, cfg.max_new_tokens, pad_token_id, do_sample=True,
                                          temperature=cfg.temperature, top_p=1.0, seed=seed)
     rollout = Rollout(repeated, bodies, closed, torch.zeros(len(repeated), 0), n)
-    batch = policy_batch(think, rollout, torch.zeros(len(repeated)), pad_token_id)                  # [B*n, T]
+    device = student.get_output_embeddings().weight.device
+    batch = {k: v.to(device) for k, v in policy_batch(think, rollout, torch.zeros(len(repeated)),
+                                                      pad_token_id).items()}                      # [B*n, T]
     domains = np.repeat(prompts.restriction.user_domains, n)                                        # [B*n]
     mask = batch["action_mask"][:, 1:]                                                              # [B*n, T-1]
     with torch.no_grad():
@@ -329,13 +337,15 @@ def fixed_prompt_kl(student, teachers: dict[int, Any], think, prompts, max_new_t
         return float("nan")
     student.eval()
     bodies, closed = generate_rationales(student, think, prompts.prompts, max_new_tokens, pad_token_id)
-    batch = policy_batch(think, Rollout(prompts.prompts, bodies, closed, torch.zeros(len(prompts), 0), 1),
-                         torch.zeros(len(prompts)), pad_token_id)
+    device = student.get_output_embeddings().weight.device
+    batch = {k: v.to(device) for k, v in policy_batch(think, Rollout(prompts.prompts, bodies, closed,
+                                                                     torch.zeros(len(prompts), 0), 1),
+                                                      torch.zeros(len(prompts)), pad_token_id).items()}
     domains = prompts.restriction.user_domains
     total, tokens = 0.0, 0.0
     with torch.no_grad():
         for d in np.unique(domains).tolist():
-            rows = torch.as_tensor(np.flatnonzero(domains == d))
+            rows = torch.as_tensor(np.flatnonzero(domains == d), device=device)
             ids, attention = batch["input_ids"][rows], batch["attention_mask"][rows]
             mask = batch["action_mask"][rows][:, 1:]
             s = student(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1]
@@ -361,14 +371,18 @@ def run_distill(cfg, settings: UnifyConfig, data, splits, item_codes: np.ndarray
     from onerec_dist.recipes.grpo import PromptSampler
     from onerec_dist.sid.model_ids import copy_model_ids
 
+    from onerec_dist.devices import resolve_device
+
     dcfg = settings.distill
+    device = resolve_device("auto")  # one device: the first GPU when there is one, else the CPU
     source = student_dir(cfg, settings)
     student = load_policy(cfg, data, source, item_codes, "unify.student")
+    student.model.to(device)
     teachers = {}
     for d, name in enumerate(data.domain_names):
         teacher = load_policy(cfg, data, settings.teachers[name], item_codes, f"unify.teachers.{name}")
         check_same_vocabulary(student, teacher, name)
-        teachers[d] = teacher.model.eval().requires_grad_(False)
+        teachers[d] = teacher.model.to(device).eval().requires_grad_(False)
     train = distill_prompts(settings, student, data, splits["train"], item_codes, dcfg.max_users_per_domain)
     valid = splits.get("valid")
     fixed = (distill_prompts(settings, student, data, valid, item_codes, dcfg.kl_users)
