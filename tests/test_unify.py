@@ -105,6 +105,9 @@ def test_cli_refuses_missing_teachers_and_bad_methods(tmp_path, capsys):
     assert "allowed values: 'rft', 'distill'" in capsys.readouterr().err
     assert main(["unify", f"output_dir={tmp_path}", *DATA, "unify.teachers={Shop A: a, Shop B: b}"]) == 2
     assert "unify.student" in capsys.readouterr().err  # no student and no model.name_or_path
+    assert main(["unify", f"output_dir={tmp_path}", *DATA, "unify.teachers={Shop A: a, Shop B: b}",
+                 f"unify.student={tmp_path}"]) == 2
+    assert "unify.teachers.Shop A='a' is not a directory" in capsys.readouterr().err  # checked before any loading
 
 
 # ---------------------------------------------------------------------------------------------- RFT, pure

@@ -427,6 +427,12 @@ def run_unify(cfg, output_dir) -> dict[str, Any]:
     data = load_dataset(data_config(cfg))
     settings.check_teachers(list(data.domain_names))
     source = student_dir(cfg, settings)
+    for name, directory in [("unify.student", source)] + [(f"unify.teachers.{d}", settings.teachers[d])
+                                                          for d in data.domain_names]:
+        if not Path(directory).is_dir():  # before any ID building or model loading
+            raise ValueError(f"{name}={directory!r} is not a directory: it must be an export (the shared CoT SFT "
+                             "export for the student, <output_dir>/export of `onerec rl rl.domain=<name>` for a "
+                             "teacher)")
     splits = make_splits(data, data_config(cfg))
     if splits.get("train") is None or len(splits["train"]) == 0:
         raise ValueError(f"dataset {data.name!r} has no training split: unify needs training users")
