@@ -254,3 +254,21 @@ def test_run_rft_writes_every_domains_hits_and_hands_them_to_the_cot_sft(world, 
         domain = data.domain_names[data.user_domains[record["user"]]]
         assert record["teacher"] == f"specialist:{domain}" and json.loads(record["provenance"])["domain"] == domain
         assert splits["train"].users[record["example_index"]] == record["user"]
+
+
+def test_fine_tune_student_calls_the_cot_sft_with_the_student_and_the_records(world, tmp_path, monkeypatch):
+    from onerec_dist.recipes import reason_sft
+
+    cfg, settings, *_, exports = world
+    seen = {}
+
+    def fake_run_sft(sft_cfg, output_dir):  # the real one trains on the engine (Ray): its inputs are what matter
+        seen.update(model=sft_cfg.model.name_or_path, records=sft_cfg.reasoning.sft.rationales_path, out=output_dir)
+        return {"export_dir": str(output_dir / "export")}
+
+    monkeypatch.setattr(reason_sft, "run_sft", fake_run_sft)
+    settings = unify_config({"teachers": {"x": "y"}, "student": exports["student"]})
+    summary = unify.fine_tune_student(cfg, settings, tmp_path / "rft" / "rationales.parquet", tmp_path)
+    assert seen == {"model": exports["student"], "records": str(tmp_path / "rft" / "rationales.parquet"),
+                    "out": tmp_path} and summary["export_dir"] == str(tmp_path / "export")
+    assert cfg.model.name_or_path is None and cfg.reasoning.sft.rationales_path is None  # the run's cfg is untouched
