@@ -196,13 +196,12 @@ def check_same_vocabulary(student: Policy, teacher: Policy, name: str) -> None:
 def run_rft(cfg, settings: UnifyConfig, data, splits, item_codes: np.ndarray, output_dir: Path) -> dict[str, Any]:
     """Sample and filter every domain's rationales (one records file), then CoT SFT of the student on them."""
     from onerec_dist.decoding.beam_search import ConstrainedDecoder
+    from onerec_dist.devices import resolve_device
     from onerec_dist.reasoning.bootstrap import _write_records  # the bootstrap's own writer: one record format
     from onerec_dist.reasoning.lint import lint_rationale
     from onerec_dist.recipes.grpo import prompt_set
     from onerec_dist.recipes.reason_sft import reasoning_section
     from onerec_dist.sid.prefix_index import PrefixIndex
-
-    from onerec_dist.devices import resolve_device
 
     rft, lint_cfg, catalogue = settings.rft, reasoning_section(cfg).lint, data.catalogue
     device = resolve_device("auto")  # sampling and decoding on one device (the SFT after it uses the engine)
@@ -223,12 +222,11 @@ def run_rft(cfg, settings: UnifyConfig, data, splits, item_codes: np.ndarray, ou
         candidates = sample_candidates(teacher.model, teacher.think, decoder, prompts, rft, pad, settings.seed)
         # skip_special_tokens=False: item tokens a rationale writes stay visible to the lint
         texts = [teacher.tokenizer.decode(b, skip_special_tokens=False) for b in candidates.bodies]
-        count = (lambda text, tok=teacher.tokenizer: len(tok.encode(text, add_special_tokens=False)))
 
-        def lint(text: str, target: int, count=count) -> str | None:
+        def lint(text: str, target: int, tok=teacher.tokenizer) -> str | None:  # length in the model's tokens
             return lint_rationale(text, target_codes=np.asarray(item_codes)[target].tolist(),
                                   target_id=catalogue.item_ids[target], target_title=catalogue.titles[target],
-                                  cfg=lint_cfg, count_tokens=count)
+                                  cfg=lint_cfg, count_tokens=lambda t: len(tok.encode(t, add_special_tokens=False)))
 
         reasons = filter_candidates(candidates, prompts.targets, texts, rft.keep_unclosed, lint)
         provenance = json.dumps({"method": "rft", "domain": name, "teacher": settings.teachers[name],
