@@ -139,7 +139,7 @@ def test_filter_candidates_worked_example():
 def test_teacher_rationales_decode_inside_the_domain_and_become_sft_records(world, tmp_path):
     from onerec_dist.data.domains import domain_name_by_user
     from onerec_dist.decoding.beam_search import ConstrainedDecoder
-    from onerec_dist.reasoning.bootstrap import _write_records, read_rationales
+    from onerec_dist.reasoning.bootstrap import write_records, read_rationales
     from onerec_dist.reasoning.sft_data import cot_sft_examples
     from onerec_dist.recipes.grpo import prompt_set
     from onerec_dist.sid.prefix_index import PrefixIndex
@@ -170,7 +170,7 @@ def test_teacher_rationales_decode_inside_the_domain_and_become_sft_records(worl
                                             for m, r in enumerate(reasons) if r is None]
     assert all(r["example_index"] in rows and r["target"] == train.targets[r["example_index"]] for r in records)
     # The bootstrap's writer and reader, and the CoT SFT's example builder, take these records as they are.
-    back = read_rationales(_write_records(records, tmp_path, "parquet"))
+    back = read_rationales(write_records(records, tmp_path, "parquet"))
     assert back == records
     sft = cot_sft_examples(back, codes, student.tokenizer, student.think, max_length=256, nothink_ratio=0.0,
                            user_domains=domain_name_by_user(data))

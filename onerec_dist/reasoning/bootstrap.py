@@ -144,7 +144,7 @@ def bootstrap_rationales(data: InteractionData, splits: Mapping[str, Examples | 
             bar.update(len(chunk))
     seconds = time.perf_counter() - start
 
-    records_path = _write_records(kept, out_dir, bootstrap.format)
+    records_path = write_records(kept, out_dir, bootstrap.format)
     with (out_dir / DROPPED_FILE).open("w", encoding="utf-8") as f:
         for record in dropped:
             f.write(json.dumps(record) + "\n")
@@ -155,7 +155,7 @@ def bootstrap_rationales(data: InteractionData, splits: Mapping[str, Examples | 
             "records": str(records_path), "dropped": str(out_dir / DROPPED_FILE)}
 
 
-def _write_records(records: list[dict], out_dir: Path, fmt: str) -> Path:
+def write_records(records: list[dict], out_dir: Path, fmt: str) -> Path:
     path = out_dir / f"{RECORDS_STEM}.{fmt}"
     if fmt == "jsonl":
         with path.open("w", encoding="utf-8") as f:

@@ -197,7 +197,7 @@ def run_rft(cfg, settings: UnifyConfig, data, splits, item_codes: np.ndarray, ou
     """Sample and filter every domain's rationales (one records file), then CoT SFT of the student on them."""
     from onerec_dist.decoding.beam_search import ConstrainedDecoder
     from onerec_dist.devices import resolve_device
-    from onerec_dist.reasoning.bootstrap import _write_records  # the bootstrap's own writer: one record format
+    from onerec_dist.reasoning.bootstrap import write_records  # the bootstrap's own writer: one record format
     from onerec_dist.reasoning.lint import lint_rationale
     from onerec_dist.recipes.grpo import prompt_set
     from onerec_dist.recipes.reason_sft import reasoning_section
@@ -241,7 +241,7 @@ def run_rft(cfg, settings: UnifyConfig, data, splits, item_codes: np.ndarray, ou
         del teacher, decoder
     records_dir = output_dir / "rft"
     records_dir.mkdir(parents=True, exist_ok=True)
-    path = _write_records(records, records_dir, rft.format)
+    path = write_records(records, records_dir, rft.format)
     summary = {"records": str(path), "per_domain": per_domain, "kept": len(records)}
     if not records:
         raise ValueError(f"unify rft: no rationale was kept (per domain: {per_domain}); sample more "
