@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefix-beam", type=int, default=8, help="b")
     parser.add_argument("--prefix-levels", type=int, default=2, help="m")
     parser.add_argument("--recent-items", type=int, default=5, help="N of the short online prompt")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="sampling temperature of the offline rationales (serving.temperature)")
     parser.add_argument("--use-rationale", action="store_true",
                         help="the online prompt's think block holds the cached rationale (serving.use_rationale)")
     parser.add_argument("--beam", type=int, default=20)
@@ -219,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = ServingConfig(num_rationales=args.rationales, prefix_levels=args.prefix_levels, prefix_beam=args.prefix_beam,
                         max_think_tokens=args.think_tokens, shard_size=max(1, len(histories)),
                         recent_items=args.recent_items, use_rationale=args.use_rationale, beam_width=args.beam,
+                        temperature=args.temperature,
                         max_k=min(args.beam, 20), generate_batch_size=64)
     users = [f"user{u}" for u in range(len(histories))]
     fingerprints = Fingerprints.of(model_dir)

@@ -407,6 +407,44 @@ def test_prompt_sampler_is_deterministic_and_disjoint_across_ranks():
     assert resumed.next_rows() == rows0[1]
 
 
+def test_heldout_probe_scores_greedy_nothink_and_sampled(world):
+    # The probe's three modes on the same users. At a temperature near 0, sampling picks the argmax token (the
+    # greedy rationale), so the "sampled" figures must equal the greedy think-mode ones; "nothink" must equal a
+    # decode after an empty think block; and the run's torch RNG stream is left as it was.
+    model, tokenizer, item_tok, think, codes, users = world
+    decoder = ConstrainedDecoder(model, item_tok, PrefixIndex.build(torch.as_tensor(codes), SIZES), 4, 4)
+    pad = tokenizer.pad_token_id
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    with torch.no_grad():
+        sums = grpo.heldout_sums(model, decoder, think, users, "rollout_beam", 3, pad, k=4, probe_temperature=1e-4)
+        plain = grpo.heldout_sums(model, decoder, think, users, "rollout_beam", 3, pad, k=4)
+    assert torch.equal(torch.rand(3), expected_next)
+    assert {k: sums[k] for k in plain} == plain                       # the probe adds keys, changes none
+    assert (sums["sampled_hits"], sums["sampled_reward_sum"]) == (sums["hits"], sums["reward_sum"])
+    no_rationale = users.take(range(len(users)))
+    hits, reward = grpo._decode_sums(decoder, think, no_rationale, [[]] * len(users), "rollout_beam", 4)
+    assert (sums["nothink_hits"], sums["nothink_reward_sum"]) == (hits, reward)
+
+
+def test_heldout_report_and_probe_warning_worked_by_hand():
+    # 4 users: greedy 2 hits and reward 2.0 in all; no rationale 1 hit, 2.4; sampled 0 hits, 1.2, 40 tokens.
+    totals = {"users": 4.0, "hits": 2.0, "reward_sum": 2.0, "unclosed": 1.0, "nothink_hits": 1.0,
+              "nothink_reward_sum": 2.4, "sampled_hits": 0.0, "sampled_reward_sum": 1.2, "sampled_tokens": 40.0}
+    report = grpo.heldout_report(totals)
+    assert report == {"users": 4, "recall@10": 0.5, "reward": 0.5, "unclosed_share": 0.25,
+                      "nothink": {"recall@10": 0.25, "reward": pytest.approx(0.6)},
+                      "sampled": {"recall@10": 0.0, "reward": pytest.approx(0.3), "rationale_length": 10.0}}
+    # sampled 0.3 < no rationale 0.6: the warning names both numbers and the temperature
+    assert "T=0.7" in grpo.probe_warning(report, 0.7) and "(0.300) than no rationale (0.600)" in \
+        grpo.probe_warning(report, 0.7)
+    report["sampled"]["reward"] = 0.6                                  # equal: no warning
+    assert grpo.probe_warning(report, 0.7) is None
+    assert grpo.probe_warning(grpo.heldout_report({k: totals[k] for k in ("users", "hits", "reward_sum",
+                                                                          "unclosed")}), 0.7) is None
+
+
 def test_summary_fields():
     history = [{"reward": r, "kl": 0.1 * i, "clip_frac": 0.0, "unclosed_share": 0.0}
                for i, r in enumerate(np.linspace(0, 1, 20))]
@@ -459,6 +497,9 @@ def test_two_worker_zero2_run_writes_the_summary(colocated_run):
     assert len(summary["rewards"]) == RUN_STEPS and all(0.0 <= r <= 1.0 for r in summary["rewards"])
     assert math.isfinite(summary["kl_max"]) and summary["clip_frac_max"] == 0.0
     assert set(summary["heldout"]) == {"before", "after"} and summary["heldout"]["after"]["users"] == 4
+    # the probe (rl.heldout_probe, on by default): no-rationale and sampled figures beside the greedy ones
+    assert set(summary["heldout"]["before"]["nothink"]) == {"recall@10", "reward"}
+    assert set(summary["heldout"]["before"]["sampled"]) == {"recall@10", "reward", "rationale_length"}
     assert set(summary["timing"]) == set(PHASES)
     assert Path(summary["checkpoint_dir"]).is_dir() and (Path(summary["export_dir"]) / "config.json").is_file()
     # step 1: actor == reference, so every k3 term is 0; the updates move the actor (lr 1e-2, reward spread)

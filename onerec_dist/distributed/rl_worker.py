@@ -118,12 +118,12 @@ def _heldout(strategy, config, think, pad, eval_decoder) -> dict[str, float]:
     users: grpo.PromptSet = config["heldout"]
     mine = users.take(range(strategy.rank, len(users), strategy.world_size))
     with strategy.gathered_parameters() as module, torch.no_grad():
-        sums = grpo.heldout_sums(module, eval_decoder, think, mine, cfg.reward, cfg.max_think_tokens, pad)
+        sums = grpo.heldout_sums(module, eval_decoder, think, mine, cfg.reward, cfg.max_think_tokens, pad,
+                                 probe_temperature=cfg.temperature if cfg.heldout_probe else None,
+                                 seed=cfg.seed + strategy.rank)
     names = sorted(sums)
     totals = dict(zip(names, strategy.all_reduce(torch.tensor([sums[n] for n in names])).tolist()))
-    n = max(totals["users"], 1.0)
-    return {"users": int(totals["users"]), "recall@10": totals["hits"] / n, "reward": totals["reward_sum"] / n,
-            "unclosed_share": totals["unclosed"] / n}
+    return grpo.heldout_report(totals)
 
 
 def _update(strategy, engine, cfg: grpo.RLConfig, batch, stats: dict[str, float]) -> None:
@@ -250,6 +250,9 @@ def rl_loop(strategy, config: dict[str, Any]) -> dict[str, Any]:
     evaluate = len(config["heldout"]) > 0
     if evaluate and "before" not in state["heldout"]:
         state["heldout"]["before"] = _heldout(strategy, config, think, pad, eval_decoder)
+        warning = grpo.probe_warning(state["heldout"]["before"], cfg.temperature)
+        if warning and strategy.is_rank0:
+            print(warning, flush=True)
     logger = RankZeroLogger(strategy.trainer, output_dir, strategy.rank, state["step"],
                             {"rl": asdict(cfg), "trainer": asdict(strategy.trainer)}, config.get("progress", "lines"))
     checkpoint = None

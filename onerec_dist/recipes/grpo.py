@@ -115,6 +115,7 @@ class RLConfig:
     reference_dtype: str | None = None
     heldout_users: int = 64
     heldout_every: int = 0
+    heldout_probe: bool = True
     log_every: int = 1
     checkpoint_every: int = 0
     seed: int = 0
@@ -415,22 +416,66 @@ def summarise(history: list[dict[str, Any]], heldout: dict[str, Any], timing: di
 
 # ---------------------------------------------------------------------------------------------- held-out users
 def heldout_sums(model, decoder, think, users: PromptSet, reward: str, max_think_tokens: int, pad_token_id: int,
-                 k: int = 10) -> dict[str, float]:
-    """Think-mode evaluation sums of ``users``: greedy rationale -> constrained decode -> hit@k and reward."""
-    from onerec_dist.reasoning.cot_format import close_think
+                 k: int = 10, probe_temperature: float | None = None, seed: int = 0) -> dict[str, float]:
+    """Think-mode evaluation sums of ``users``: greedy rationale -> constrained decode -> hit@k and reward.
+
+    ``probe_temperature`` also scores the same users with an empty think block (``nothink_*``) and with one rationale
+    sampled at that temperature (``sampled_*``, as the rollouts sample them): when sampled rationales score below
+    none at all, the group advantages favour the samples that close </think> early, and GRPO teaches the policy to
+    stop thinking (measured on the synthetic reasoning task, README "GRPO rollouts")."""
     from onerec_dist.reasoning.think_eval import generate_rationales
 
     if len(users) == 0:
         return {"users": 0.0, "hits": 0.0, "reward_sum": 0.0, "unclosed": 0.0}
     bodies, closed = generate_rationales(model, think, users.prompts, max_think_tokens, pad_token_id)
+    hits, rewards = _decode_sums(decoder, think, users, bodies, reward, k)
+    out = {"users": float(len(users)), "hits": hits, "reward_sum": rewards, "unclosed": float((~closed).sum())}
+    if probe_temperature is not None:
+        out["nothink_hits"], out["nothink_reward_sum"] = _decode_sums(decoder, think, users, [[]] * len(users),
+                                                                      reward, k)
+        with torch.random.fork_rng():  # generate_rationales seeds torch: leave the run's stream as it was
+            sampled, _ = generate_rationales(model, think, users.prompts, max_think_tokens, pad_token_id,
+                                             do_sample=True, temperature=probe_temperature, seed=seed)
+        out["sampled_hits"], out["sampled_reward_sum"] = _decode_sums(decoder, think, users, sampled, reward, k)
+        out["sampled_tokens"] = float(sum(len(body) for body in sampled))
+    return out
+
+
+def _decode_sums(decoder, think, users: PromptSet, bodies: list[list[int]], reward: str, k: int
+                 ) -> tuple[float, float]:
+    """(hits@k, reward sum) of ``users`` after the rationale ``bodies`` (closed by </think>)."""
+    from onerec_dist.reasoning.cot_format import close_think
+
     result = decoder.decode([close_think(think, p, b) for p, b in zip(users.prompts, bodies)],
                             allowed_prefixes=users.allowed_prefixes())
     items = result.items.cpu()                                                               # [U, K]
     hits = (items[:, :k] == torch.as_tensor(users.targets).unsqueeze(1)).any(dim=1)         # [U]
     beams = result.codes.cpu().masked_fill((items < 0).unsqueeze(-1), MISSING_CODE)         # [U, K, L]
     rewards = compute_reward(reward, beams, torch.as_tensor(users.target_codes, dtype=torch.long))
-    return {"users": float(len(users)), "hits": float(hits.sum()), "reward_sum": float(rewards.sum()),
-            "unclosed": float((~closed).sum())}
+    return float(hits.sum()), float(rewards.sum())
+
+
+def heldout_report(totals: dict[str, float]) -> dict[str, Any]:
+    """The held-out entry of the summary from all-reduced ``heldout_sums``; with the probe, ``nothink`` and
+    ``sampled`` beside the greedy think-mode figures."""
+    n = max(totals["users"], 1.0)
+    report: dict[str, Any] = {"users": int(totals["users"]), "recall@10": totals["hits"] / n,
+                              "reward": totals["reward_sum"] / n, "unclosed_share": totals["unclosed"] / n}
+    if "nothink_hits" in totals:
+        report["nothink"] = {"recall@10": totals["nothink_hits"] / n, "reward": totals["nothink_reward_sum"] / n}
+        report["sampled"] = {"recall@10": totals["sampled_hits"] / n, "reward": totals["sampled_reward_sum"] / n,
+                             "rationale_length": totals["sampled_tokens"] / n}
+    return report
+
+
+def probe_warning(report: dict[str, Any], temperature: float) -> str | None:
+    """A warning when rationales sampled at the rollout temperature earn less reward than no rationale."""
+    if "sampled" not in report or report["sampled"]["reward"] >= report["nothink"]["reward"]:
+        return None
+    return (f"rl: warning: on the held-out users, rationales sampled at T={temperature:g} earn less reward "
+            f"({report['sampled']['reward']:.3f}) than no rationale ({report['nothink']['reward']:.3f}); GRPO will "
+            f"favour rollouts that stop thinking early. Consider a lower rl.temperature or a reward that separates "
+            f"thinking from not (README: GRPO rollouts)")
 
 
 # ---------------------------------------------------------------------------------------------- the run (driver)
