@@ -16,6 +16,12 @@ build time per user. ``p50_speedup_vs_full_reasoning`` = p50(full, batch 1) / p5
 ``recall_ratio_vs_full_reasoning`` = Recall@10(think_ahead) / Recall@10(full) (null when the full recall is 0).
 ``cache_growth`` records the mean prefixes per user for every T x b of --growth-t x --growth-b.
 
+Recall-keeping setting (measured on the synthetic reasoning task, README "Think-Ahead serving"): ``--greedy
+--rationales 1 --use-rationale --recent-items <longest history>``: the offline rationale is the one full reasoning
+would write, and the online prompt is full reasoning's prompt with that rationale, so the completion below the cached
+prefixes ranks as full reasoning does. Sampled rationales (the default) and a short prompt trade recall for cache
+diversity and a shorter prefill.
+
 Model: ``--model-dir`` (a reason_sft export; the data and split come from --overrides, Hydra syntax) gives the real
 recall ratio; without it a random tiny model with think tokens over a random catalogue is built here: latency only,
 its recalls are at chance level (``recall_at_chance_level`` in the JSON).
@@ -193,6 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recent-items", type=int, default=5, help="N of the short online prompt")
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="sampling temperature of the offline rationales (serving.temperature)")
+    parser.add_argument("--tag", default="", help="results file think_ahead_<device>_<tag>.json (default: no tag)")
+    parser.add_argument("--greedy", action="store_true",
+                        help="write the offline rationales greedily (serving.do_sample=false; use with --rationales 1)")
     parser.add_argument("--use-rationale", action="store_true",
                         help="the online prompt's think block holds the cached rationale (serving.use_rationale)")
     parser.add_argument("--beam", type=int, default=20)
@@ -221,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = ServingConfig(num_rationales=args.rationales, prefix_levels=args.prefix_levels, prefix_beam=args.prefix_beam,
                         max_think_tokens=args.think_tokens, shard_size=max(1, len(histories)),
                         recent_items=args.recent_items, use_rationale=args.use_rationale, beam_width=args.beam,
-                        temperature=args.temperature,
+                        temperature=args.temperature, do_sample=not args.greedy,
                         max_k=min(args.beam, 20), generate_batch_size=64)
     users = [f"user{u}" for u in range(len(histories))]
     fingerprints = Fingerprints.of(model_dir)
@@ -259,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "device": str(device), "model": args.model_dir or f"random {args.preset}", "users": len(users),
         "catalogue_items": len(codes), "T": args.rationales, "b": args.prefix_beam, "m": m,
-        "recent_items": args.recent_items, "use_rationale": args.use_rationale,
+        "recent_items": args.recent_items, "use_rationale": args.use_rationale, "greedy": args.greedy,
+        "temperature": None if args.greedy else args.temperature,
         "p50_speedup_vs_full_reasoning": ratio(results["full_reasoning"]["p50_ms_batch1"],
                                                results["think_ahead"]["p50_ms_batch1"]),
         "p50_speedup_vs_full_reasoning_batch16": ratio(results["full_reasoning"]["p50_ms_batch16"],
@@ -267,7 +277,8 @@ def main(argv: list[str] | None = None) -> None:
         "recall_ratio_vs_full_reasoning": ratio(results["think_ahead"][f"recall@{RECALL_K}"], full_recall),
         "recall_at_chance_level": args.model_dir is None, "modes": results, "cache_growth": growth,
     }
-    path = run.finish(report, f"think_ahead_{device_suffix(args.device)}", args.out_dir)
+    path = run.finish(report, f"think_ahead_{device_suffix(args.device)}" + (f"_{args.tag}" if args.tag else ""),
+                      args.out_dir)
     print(format_table(rows, [("mode", "mode"), ("p50_ms_batch1", "p50 ms b1"), ("p99_ms_batch1", "p99 ms b1"),
                               ("p50_ms_batch16", "p50 ms b16"), ("p99_ms_batch16", "p99 ms b16"),
                               ("requests_per_s_concurrency16", "req/s c16"), (f"recall@{RECALL_K}", "R@10")]))
