@@ -195,6 +195,20 @@ def test_allowed_prefix_rows_match_from_lists(built):
     assert rows.unrestricted.tolist() == [False, True] and rows.counts().tolist() == [len(cache.get("u0")), 0]
 
 
+def test_greedy_rationale_preset_is_the_recall_keeping_setting():
+    # serving=greedy_rationale: one greedy rationale, its text in the online prompt, the whole history (the setting
+    # of benchmarks/results/think_ahead_cpu_greedy_rationale.json); every other field stays the default's.
+    import dataclasses
+
+    from onerec_dist.cli import compose
+    from onerec_dist.serving.config import serving_config
+
+    preset, default = serving_config(compose(["serving=greedy_rationale"])), serving_config(compose([]))
+    changed = {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset)
+               if getattr(preset, f.name) != getattr(default, f.name)}
+    assert changed == {"num_rationales": 1, "do_sample": False, "use_rationale": True, "recent_items": 100000}
+
+
 def test_serving_config_errors_name_the_field_and_allowed_values():
     with pytest.raises(ValueError, match="serving.max_k: must be <= serving.beam_width=20"):
         ServingConfig(max_k=30)
