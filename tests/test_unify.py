@@ -57,7 +57,7 @@ def world(tmp_path_factory):
     tokenizer = build_tokenizer_from_corpus(tokenizer_corpus(data), vocab_size=300)
     model = build_tiny_model(tokenizer, tie_word_embeddings=False, seed=0)
     item_tok = extend_vocabulary(model, tokenizer, ItemTokenSpec(3, SIZES), seed=0)
-    think = add_think_tokens(model, tokenizer, seed=0)
+    add_think_tokens(model, tokenizer, seed=0)
     teacher_base = copy.deepcopy(model)
     with torch.no_grad():  # the student favours FAVOURED words by ~SHIFT nats more than the teachers do
         prompt = torch.tensor([tokenizer.encode("The user has purchased, in order:")])
@@ -146,9 +146,9 @@ def test_teacher_rationales_decode_inside_the_domain_and_become_sft_records(worl
 
     cfg, settings, data, splits, codes, student, _, _ = world
     train = splits["train"]
-    rows = unify.domain_rows(train, data, 1, 3, seed=0)  # 3 users of "Shop B"
+    rows = unify.sampled_domain_rows(train, data, 1, 3, seed=0)  # 3 users of "Shop B"
     assert len(rows) == 3 and all(data.user_domains[train.users[r]] == 1 for r in rows)
-    examples = unify.take_examples(train, rows)
+    examples = train.take(rows)
     prompts = prompt_set(student.tokenizer, student.think, codes, examples, 128, data=data)
     rft = settings.rft.__class__(samples_per_user=2, max_think_tokens=3, beam_width=40, top_k=40, batch_size=2,
                                  keep_unclosed=True)

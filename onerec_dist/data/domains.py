@@ -63,8 +63,11 @@ def domain_name_by_user(data: InteractionData) -> dict[str, str] | None:
     return {user: data.domain_names[d] for user, d in data.user_domains.items()}
 
 
+def domain_rows(examples: Examples, data: InteractionData, domain: int) -> list[int]:
+    """Positions in ``examples`` of the users who live in ``domain`` (in order)."""
+    return [i for i, u in enumerate(examples.users) if data.user_domains.get(u) == domain]
+
+
 def examples_of_domain(examples: Examples, data: InteractionData, domain: int) -> Examples:
     """The examples whose user lives in ``domain`` (order kept)."""
-    keep = [i for i, u in enumerate(examples.users) if data.user_domains.get(u) == domain]
-    return Examples([examples.users[i] for i in keep], [examples.histories[i] for i in keep],
-                    [examples.targets[i] for i in keep])
+    return examples.take(domain_rows(examples, data, domain))

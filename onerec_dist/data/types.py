@@ -69,6 +69,11 @@ class Examples:
         self.histories.append(history)
         self.targets.append(target)
 
+    def take(self, rows) -> "Examples":
+        """The examples at positions ``rows``, in that order."""
+        return Examples([self.users[i] for i in rows], [self.histories[i] for i in rows],
+                        [self.targets[i] for i in rows])
+
 
 @dataclass
 class DropReport:

@@ -43,17 +43,14 @@ from onerec_dist.recipes.unify_config import DistillConfig, RFTConfig, UnifyConf
 
 
 # ---------------------------------------------------------------------------------------------- users of a domain
-def domain_rows(examples: Examples, data, domain: int, limit: int | None, seed: int) -> list[int]:
+def sampled_domain_rows(examples: Examples, data, domain: int, limit: int | None, seed: int) -> list[int]:
     """Positions in ``examples`` of the users of ``domain``: all, or a seeded sample of ``limit`` (sorted)."""
-    rows = [i for i, u in enumerate(examples.users) if data.user_domains.get(u) == domain]
+    from onerec_dist.data.domains import domain_rows
+
+    rows = domain_rows(examples, data, domain)
     if limit is not None and limit < len(rows):
         rows = sorted(np.random.default_rng([seed, domain]).choice(rows, size=limit, replace=False).tolist())
     return rows
-
-
-def take_examples(examples: Examples, rows: Sequence[int]) -> Examples:
-    return Examples([examples.users[i] for i in rows], [examples.histories[i] for i in rows],
-                    [examples.targets[i] for i in rows])
 
 
 # ---------------------------------------------------------------------------------------------- RFT: sample, filter
@@ -211,8 +208,8 @@ def run_rft(cfg, settings: UnifyConfig, data, splits, item_codes: np.ndarray, ou
     for d, name in enumerate(data.domain_names):
         teacher = load_policy(cfg, data, settings.teachers[name], item_codes, f"unify.teachers.{name}")
         teacher.model.to(device)
-        rows = domain_rows(train, data, d, rft.max_users_per_domain, settings.seed)
-        examples = take_examples(train, rows)
+        rows = sampled_domain_rows(train, data, d, rft.max_users_per_domain, settings.seed)
+        examples = train.take(rows)
         prompts = prompt_set(teacher.tokenizer, teacher.think, item_codes, examples, settings.max_prompt_length,
                              data=data)
         pad = teacher.tokenizer.pad_token_id or 0
@@ -359,8 +356,8 @@ def distill_prompts(settings: UnifyConfig, policy, data, examples: Examples, ite
     from onerec_dist.recipes.grpo import prompt_set
 
     rows = sorted(r for d in range(len(data.domain_names))
-                  for r in domain_rows(examples, data, d, limit, settings.seed))
-    return prompt_set(policy.tokenizer, policy.think, item_codes, take_examples(examples, rows),
+                  for r in sampled_domain_rows(examples, data, d, limit, settings.seed))
+    return prompt_set(policy.tokenizer, policy.think, item_codes, examples.take(rows),
                       settings.max_prompt_length, data=data)
 
 
