@@ -76,6 +76,21 @@ def test_training_logger_in_a_log_writes_a_bounded_number_of_lines(capsys, tmp_p
     assert len(err) == 20 and err[-1].startswith("train: 500/500 (100%) step")
 
 
+def test_training_logger_counts_to_the_loops_budget_not_max_steps(capsys, tmp_path):
+    # trainer.max_epochs ends a loop long before trainer.max_steps (worker.step_budget): the bar's total is the budget
+    # the loop passes, so 40 steps of a 40-step budget end at 40/40 (100%), in 20 lines (one every 40 / 20 = 2 steps)
+    from onerec_dist.distributed.worker import RankZeroLogger
+    from onerec_dist.training.config import TrainerConfig
+
+    cfg = TrainerConfig(max_steps=3000, max_epochs=4, wandb={"mode": "disabled"})
+    logger = RankZeroLogger(cfg, tmp_path, rank=0, initial_step=0, config={}, progress="lines", total_steps=40)
+    for step in range(40):
+        logger.step(loss=1.0)
+    logger.close()
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 20 and err[0].startswith("train: 2/40 (5%)") and err[-1].startswith("train: 40/40 (100%)")
+
+
 def test_a_relayed_bar_follows_the_writer(tmp_path):
     # A Ray worker has no terminal: rank 0 writes its count to a file (at most every min_interval, always at close)
     # and the driver draws the one bar from it. 100 updates with min_interval 0 -> the driver's bar ends at 100/100.

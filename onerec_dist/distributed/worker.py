@@ -95,12 +95,13 @@ class RankZeroLogger:
     """
 
     def __init__(self, trainer: TrainerConfig, output_dir: Path, rank: int, initial_step: int, config: dict,
-                 progress: str = "lines"):
+                 progress: str = "lines", total_steps: int | None = None):
         self.enabled = rank == 0
         self.bar = self.run = None
         if not self.enabled:
             return
-        self.bar = _progress(progress, trainer.max_steps, initial_step, output_dir)
+        # the loop's budget (step_budget: max_epochs may end it long before trainer.max_steps)
+        self.bar = _progress(progress, total_steps or trainer.max_steps, initial_step, output_dir)
         if trainer.wandb.mode != "disabled":
             import wandb
 
@@ -195,7 +196,8 @@ def run_one(config: dict[str, Any], publish: str, resume_dir: str | Path | None)
     # 4N + 2N_train + attention; a producer without planned lengths counts no attention
     loop.flops_per_token = training_flops_per_token(model, getattr(source, "lengths", ()))
     logger = RankZeroLogger(trainer, output_dir, strategy.rank, state["step"],
-                            {"trainer": asdict(trainer), "deepspeed": asdict(ds)}, config.get("progress", "lines"))
+                            {"trainer": asdict(trainer), "deepspeed": asdict(ds)}, config.get("progress", "lines"),
+                            loop.max_steps)
     try:
         run_stats = loop.train(state, logger)
     finally:

@@ -105,7 +105,8 @@ def run(cfg, output_dir: Path, stage: str | None = None) -> dict:
     save_model_ids(init_dir, item_codes, data.catalogue.item_ids, sizes, item_tok)  # the job copies them to exports
     examples, data_stats = build_examples(align_cfg, stage, data, train, item_codes, tokenizer, cfg.seed)
     print(f"align {stage}: {len(examples)} examples, {data_stats['total_tokens']} tokens; "
-          f"{trainer_cfg.num_workers} worker(s), ZeRO-{ds_cfg.zero_stage}, {trainer_cfg.max_steps} steps")
+          f"{trainer_cfg.num_workers} worker(s), ZeRO-{ds_cfg.zero_stage}, {trainer_cfg.max_steps} steps"
+          + (f" at most, {trainer_cfg.max_epochs:g} epoch(s)" if trainer_cfg.max_epochs else ""))
     trainable = "item_rows" if stage == "warmup" else align_cfg.multitask.trainable
     data_dir = stage_dir / "data"  # Arrow shards every rank memory-maps (never pickled into the Ray config)
     write_examples(examples, data_dir)
