@@ -143,3 +143,161 @@ def test_onerec_eval_baselines_stay_in_the_domain_and_report_per_domain(tmp_path
         assert {d: v["users"] for d, v in per_domain.items()} == {"Shop A": 20, "Shop B": 20}
         for key in ("recall@10", "validity"):  # equal weights: the overall value is the plain mean
             assert summary[name][key] == pytest.approx((per_domain["Shop A"][key] + per_domain["Shop B"][key]) / 2)
+
+
+# ---------------------------------------------------------------------------------------------- Think-Ahead
+
+# Two assignments of the 12 items to 2 domains: "shared" (alternating; the world's codes make every 2-level prefix
+# of one domain also one of the other's for some, so the pure level m_d = 3 > m = 2: the online rows are refined to
+# full IDs) and "first_code" (domain = first code != 0, m_d = 1 <= m = 2: cached prefixes are already pure).
+ASSIGNMENTS = {"shared": lambda codes: ITEM_DOMAINS, "first_code": lambda codes: (codes[:, 0] != 0).astype(int)}
+TA_USERS = ["u0", "u1", "u2", "u3"]
+TA_DOMAINS = [0, 1, 1, 0]
+
+
+@pytest.fixture(scope="module")
+def think_world(tmp_path_factory):
+    """The world's model with think tokens, saved as a model directory that carries its IDs."""
+    from onerec_dist.models import build_tiny_model, build_tokenizer_from_corpus, load_pretrained
+    from onerec_dist.reasoning.cot_format import add_think_tokens
+    from onerec_dist.sid.model_ids import save_model_ids
+    from onerec_dist.sid.tokens import ItemTokenizer, ItemTokenSpec
+    from onerec_dist.sid.vocab import extend_vocabulary
+
+    _, _, _, codes = world()
+    gen = torch.Generator().manual_seed(1)
+    tokenizer = build_tokenizer_from_corpus(["the user bought a red lamp and a blue chair. Domain: A B"] * 4,
+                                            vocab_size=300)
+    model = build_tiny_model(tokenizer, seed=0).eval()
+    item_tok = extend_vocabulary(model, tokenizer, ItemTokenSpec(3, SIZES), seed=0)
+    add_think_tokens(model, tokenizer, seed=0)
+    with torch.no_grad():
+        rows = item_tok.item_token_ids()
+        emb = model.get_input_embeddings().weight
+        emb[rows] += torch.randn(len(rows), emb.shape[1], generator=gen) * 0.5
+    root = tmp_path_factory.mktemp("domain_ta_model")
+    model.save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    save_model_ids(root, codes, [f"i{i}" for i in range(NUM_ITEMS)], SIZES, item_tok)
+    model, tokenizer = load_pretrained(str(root), "sdpa")
+    return root, model.eval(), tokenizer, ItemTokenizer.from_tokenizer(tokenizer), codes
+
+
+def ta_settings():
+    from onerec_dist.serving.config import ServingConfig
+
+    return ServingConfig(num_rationales=2, prefix_levels=2, prefix_beam=4, max_think_tokens=4, shard_size=2,
+                         beam_width=NUM_ITEMS, max_k=NUM_ITEMS, recent_items=3, generate_batch_size=8)
+
+
+def ta_inputs(think_world, assignment: str):
+    """(histories, item domains [N], the users' DomainRestriction, CatalogueDomains) of one assignment."""
+    from onerec_dist.serving.think_ahead import CatalogueDomains
+
+    codes = think_world[-1]
+    item_domains = ASSIGNMENTS[assignment](codes)
+    own_items = [np.flatnonzero(item_domains == d).tolist() for d in (0, 1)]
+    histories = [own_items[d][u % 2:u % 2 + 3] for u, d in enumerate(TA_DOMAINS)]  # each in its own domain
+    data = two_domain_data(TA_USERS, TA_DOMAINS)
+    data.item_domains = item_domains
+    restriction = domain_restriction(data, TA_USERS, codes)
+    return histories, item_domains, restriction, CatalogueDomains(("A", "B"), restriction.prefixes)
+
+
+def build_ta_cache(think_world, cache_dir, assignment: str, restricted: bool = True):
+    from onerec_dist.serving.think_ahead import Fingerprints, build_shards, load_cache, prepare_cache_dir
+
+    root, model, tokenizer, item_tok, codes = think_world
+    histories, _, restriction, domains = ta_inputs(think_world, assignment)
+    cfg, fps = ta_settings(), Fingerprints.of(root)
+    todo = prepare_cache_dir(cache_dir, fps, cfg, TA_USERS, domains if restricted else None)
+    build_shards(model, tokenizer, item_tok, codes, TA_USERS, histories, cfg, cache_dir, todo, fps,
+                 restriction=restriction if restricted else None, domain_names=["A", "B"])
+    return load_cache(cache_dir, fps)
+
+
+def items_below(codes: np.ndarray, prefixes) -> set[int]:
+    keys = {tuple(p) for p in prefixes}
+    return {i for i, c in enumerate(codes.tolist()) if tuple(c[:len(next(iter(keys)))]) in keys}
+
+
+@pytest.mark.parametrize("assignment", list(ASSIGNMENTS))
+def test_think_ahead_offline_prefixes_stay_inside_the_users_domain(think_world, tmp_path, assignment):
+    codes = think_world[-1]
+    _, item_domains, restriction, domains = ta_inputs(think_world, assignment)
+    assert restriction.prefixes.num_levels == {"shared": 3, "first_code": 1}[assignment]
+    cache = build_ta_cache(think_world, tmp_path / "r", assignment)
+    assert cache.domains.to_json() == domains.to_json() and cache.user_domains == dict(zip(TA_USERS, TA_DOMAINS))
+    for user, d in zip(TA_USERS, TA_DOMAINS):
+        for prefix in cache.get(user):  # every cached prefix lies above an item of the user's domain ...
+            below = items_below(codes, [prefix])
+            assert any(item_domains[i] == d for i in below)
+            if assignment == "first_code":  # ... and, the prefix being pure (m >= m_d), above no other item
+                assert all(item_domains[i] == d for i in below)
+    # The same build without the restriction leaves the domain for some user (the checks above can fail).
+    free = build_ta_cache(think_world, tmp_path / "f", assignment, restricted=False)
+    assert free.domains is None and free.user_domains == {}
+    assert any(not any(item_domains[i] == d for i in items_below(codes, [p]))
+               for u, d in zip(TA_USERS, TA_DOMAINS) for p in free.get(u))
+
+
+@pytest.mark.parametrize("assignment", list(ASSIGNMENTS))
+def test_think_ahead_online_cached_and_fallback_rows_stay_inside_the_domain(think_world, tmp_path, assignment):
+    """Beam width = number of items prunes nothing, so the unrestricted decode of the same prompt ranks every item
+    exactly; a row's answer must be that ranking filtered to the items of the user's domain below its cached
+    prefixes (cached) or to all of its domain's items (fallback: no entry, or none of it inside the domain)."""
+    from onerec_dist.serving.think_ahead import ThinkAheadService
+
+    root, model, tokenizer, item_tok, codes = think_world
+    histories, item_domains, _, _ = ta_inputs(think_world, assignment)
+    cache = build_ta_cache(think_world, tmp_path, assignment)
+    del cache.prefixes["u1"]  # a user of domain B without a cache entry
+    service = ThinkAheadService(model, tokenizer, item_tok, codes, cache, ta_settings())
+    stranger = [int(np.flatnonzero(item_domains == 1)[0])]  # unknown user: domain B read off its history
+    users, hist = [*TA_USERS, "stranger", "u0"], [*histories, stranger, histories[0]]
+    names = [None] * 5 + ["B"]  # the last request names domain B for u0 (cached in A: no prefix survives in B
+    answers = service.recommend(users, hist, domains=names)  # unless a cached prefix is shared, as in "shared")
+    own = [*TA_DOMAINS, 1, 1]
+    free = service.decoder.decode([service.prompt(u, h, "AB"[d]) for u, h, d in zip(users, hist, own)])
+    for row, (user, answer, d) in enumerate(zip(users, answers, own)):
+        allowed = {i for i in range(NUM_ITEMS) if item_domains[i] == d}
+        cached = cache.get(user)
+        inside = allowed & items_below(codes, cached) if cached else set()
+        assert answer.path == ("cached" if inside else "fallback")
+        keep = inside or allowed
+        expected = [i for i in free.items[row].tolist() if i in keep]
+        assert answer.items == expected and answer.items, (user, assignment)
+    assert [a.path for a in answers][1:5] == ["fallback", "cached", "cached", "fallback"]
+
+
+def test_think_ahead_shard_worker_builds_the_same_restricted_shard_in_process(think_world, tmp_path):
+    """distributed/think_ahead_shards._ShardBuilder (the Ray actor's class, called in-process here) carries the
+    users' restriction to build_shards: its shard equals the single-process one."""
+    import pyarrow.parquet as pq
+
+    from onerec_dist.distributed.think_ahead_shards import _ShardBuilder
+    from onerec_dist.serving.think_ahead import Fingerprints, prepare_cache_dir, shard_path
+
+    root, model, tokenizer, item_tok, codes = think_world
+    histories, _, restriction, domains = ta_inputs(think_world, "shared")
+    build_ta_cache(think_world, tmp_path / "single", "shared")
+    cfg, fps = ta_settings(), Fingerprints.of(root)
+    prepare_cache_dir(tmp_path / "worker", fps, cfg, TA_USERS, domains)
+    worker = _ShardBuilder(cfg, str(root), codes, TA_USERS, histories, str(tmp_path / "worker"), fps, restriction,
+                           ["A", "B"])
+    assert worker.build(1) == 2  # users u2, u3
+    got = pq.read_table(shard_path(tmp_path / "worker", 1)).to_pydict()
+    assert got == pq.read_table(shard_path(tmp_path / "single", 1)).to_pydict()
+    assert got["domain"] == [1, 0]
+
+
+def test_recommend_request_domain_field():
+    from onerec_dist.serving.api import RequestError, parse_recommend
+
+    index = {"a": 0, "b": 1}.get
+    assert parse_recommend(b'{"user": "u", "history": ["a"], "domain": "B"}', index, 5, ("A", "B")).domain == "B"
+    assert parse_recommend(b'{"user": "u", "history": ["a"]}', index, 5, ("A", "B")).domain is None
+    for domains, message in ((("A", "B"), "allowed: 'A', 'B'"), ((), "single domain")):
+        with pytest.raises(RequestError, match=message) as err:
+            parse_recommend(b'{"user": "u", "history": ["a"], "domain": "C"}', index, 5, domains)
+        assert err.value.status == 422
