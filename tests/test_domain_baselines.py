@@ -255,8 +255,10 @@ def test_think_ahead_online_cached_and_fallback_rows_stay_inside_the_domain(thin
     service = ThinkAheadService(model, tokenizer, item_tok, codes, cache, ta_settings())
     stranger = [int(np.flatnonzero(item_domains == 1)[0])]  # unknown user: domain B read off its history
     users, hist = [*TA_USERS, "stranger", "u0"], [*histories, stranger, histories[0]]
-    names = [None] * 5 + ["B"]  # the last request names domain B for u0 (cached in A: no prefix survives in B
-    answers = service.recommend(users, hist, domains=names)  # unless a cached prefix is shared, as in "shared")
+    # The last request names domain B for u0 (cached in A): only u0's cached prefixes shared with B survive (some in
+    # "shared", none in "first_code"), else it falls back to B's catalogue.
+    names = [None] * 5 + ["B"]
+    answers = service.recommend(users, hist, domains=names)
     own = [*TA_DOMAINS, 1, 1]
     free = service.decoder.decode([service.prompt(u, h, "AB"[d]) for u, h, d in zip(users, hist, own)])
     for row, (user, answer, d) in enumerate(zip(users, answers, own)):
