@@ -24,6 +24,10 @@ s_0 .. s_{n-3} (validation and test targets never enter); inputs s_0..s_{m-1}, t
 ``max_len`` positions. Model selection: validation Recall@10 after every ``eval_every_epochs`` epochs on the
 validation users (all, or a fixed seeded sample of ``valid_users``), early stopping after ``patience`` evaluations
 without improvement; the best epoch's weights are kept. The test split is never looked at while training.
+
+Data with several domains (onerec_dist/data/domains.py): a user is ranked against its own domain's items only (the
+scores of the other domains' items are set to -inf before top-K; -1 past a domain's item count), at test time and at
+validation, as the model's constrained decoding and the popularity baseline do. Single-domain data: unchanged.
 """
 
 from __future__ import annotations
@@ -121,11 +125,18 @@ def sequence_loss(model: SASRec, inputs: torch.Tensor, targets: torch.Tensor, lo
 
 @torch.no_grad()
 def recommend(model: SASRec, histories: list[list[int]], top_k: int, exclude_history: bool = False,
-              batch_size: int = 1024) -> np.ndarray:
-    """Top-K catalogue items (indices, best first) for each history, ranking all N items: [U, K] int64."""
+              batch_size: int = 1024, item_domains: np.ndarray | None = None,
+              user_domains: np.ndarray | None = None) -> np.ndarray:
+    """Top-K catalogue items (indices, best first) for each history, ranking all N items: [U, K] int64.
+    With ``item_domains`` [N] and ``user_domains`` [U] (data with several domains): only the items of each user's
+    domain are ranked (the others' scores -inf; -1 past the domain's item count)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    by_domain = item_domains is not None and user_domains is not None
+    if by_domain:
+        item_domains = torch.as_tensor(np.asarray(item_domains), dtype=torch.long, device=device)  # [N]
+        user_domains = torch.as_tensor(np.asarray(user_domains), dtype=torch.long, device=device)  # [U]
     out = np.empty((len(histories), min(top_k, model.num_items)), dtype=np.int64)
     for start in range(0, len(histories), batch_size):
         chunk = histories[start:start + batch_size]
@@ -135,7 +146,12 @@ def recommend(model: SASRec, histories: list[list[int]], top_k: int, exclude_his
             for row, history in enumerate(chunk):
                 if history:
                     scores[row, torch.as_tensor(history, device=device)] = -torch.inf
-        out[start:start + len(chunk)] = scores.topk(out.shape[1], dim=-1).indices.cpu().numpy()
+        if by_domain:
+            other = item_domains[None, :] != user_domains[start:start + len(chunk), None]  # [b, N]
+            scores = scores.masked_fill(other, -torch.inf)
+        best = scores.topk(out.shape[1], dim=-1)
+        ranked = best.indices.masked_fill(best.values == -torch.inf, -1) if by_domain else best.indices  # [b, K]
+        out[start:start + len(chunk)] = ranked.cpu().numpy()
     model.train(was_training)
     return out
 
@@ -150,24 +166,29 @@ class SASRecRun:
     stopped: str = ""
 
 
-def _valid_sample(histories: list[list[int]], targets: list[int], limit: int | None, seed: int):
+def _valid_sample(histories: list[list[int]], targets: list[int], domains: np.ndarray | None, limit: int | None,
+                  seed: int):
     if limit is None or limit >= len(targets):
-        return histories, np.asarray(targets)
+        return histories, np.asarray(targets), domains
     pick = np.sort(np.random.default_rng(seed).choice(len(targets), size=limit, replace=False))
-    return [histories[i] for i in pick], np.asarray(targets)[pick]
+    return [histories[i] for i in pick], np.asarray(targets)[pick], None if domains is None else domains[pick]
 
 
 def train_sasrec(sequences: list[list[int]], num_items: int, valid_histories: list[list[int]],
-                 valid_targets: list[int], cfg: SASRecConfig, log=print) -> SASRecRun:
+                 valid_targets: list[int], cfg: SASRecConfig, log=print, item_domains: np.ndarray | None = None,
+                 valid_domains: np.ndarray | None = None) -> SASRecRun:
     """Train on ``sequences`` (each user's training interactions, oldest first), select the epoch by validation
-    Recall@10 with early stopping (module docstring). Returns the best model (eval mode) and the learning curve."""
+    Recall@10 with early stopping (module docstring). Returns the best model (eval mode) and the learning curve.
+    ``item_domains`` [N] and ``valid_domains`` [V] (data with several domains): validation ranks each user's domain
+    only, as the test does."""
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     model = SASRec(num_items, cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     inputs, targets = training_pairs(sequences, cfg.max_len)  # [S, n] each
-    v_hist, v_targets = _valid_sample(valid_histories, valid_targets, cfg.valid_users, cfg.seed)
+    v_domains = None if valid_domains is None else np.asarray(valid_domains)
+    v_hist, v_targets, v_domains = _valid_sample(valid_histories, valid_targets, v_domains, cfg.valid_users, cfg.seed)
     run = SASRecRun(model, 0, -1.0)
     best_state, bad, start = None, 0, time.perf_counter()
     for epoch in range(1, cfg.max_epochs + 1):
@@ -184,7 +205,7 @@ def train_sasrec(sequences: list[list[int]], num_items: int, valid_histories: li
         out_of_time = cfg.max_seconds is not None and time.perf_counter() - start > cfg.max_seconds
         if epoch % cfg.eval_every_epochs and epoch != cfg.max_epochs and not out_of_time:
             continue
-        ranked = recommend(model, v_hist, 10)
+        ranked = recommend(model, v_hist, 10, item_domains=item_domains, user_domains=v_domains)
         point = {"epoch": epoch, "seconds": round(time.perf_counter() - start, 3),
                  "train_loss": total / max(batches, 1), "valid_recall@10": recall_at_k(ranked, v_targets, 10),
                  "valid_ndcg@10": ndcg_at_k(ranked, v_targets, 10)}
@@ -223,15 +244,21 @@ def training_sequences(data, splits: dict, leave_one_out: bool) -> list[list[int
 def sasrec_baseline(data, splits: dict, examples, cfg: SASRecConfig, top_k: int,
                     exclude_history: bool = False, log=print) -> tuple[np.ndarray, dict]:
     """Train SASRec on the training interactions, select on the validation split, rank ``examples``' users over the
-    whole catalogue: (items [U, K], info: best epoch, validation R@10, learning curve, seconds). Shared by
-    ``onerec eval`` and the ablation harness."""
+    whole catalogue (data with several domains: over the user's domain's items): (items [U, K], info: best epoch,
+    validation R@10, learning curve, seconds). Shared by ``onerec eval`` and the ablation harness."""
+    from onerec_dist.data.domains import user_domain_indices
+
     valid = splits.get("valid")
     if valid is None:
         raise ValueError(f"dataset {data.name!r} has no valid split: SASRec's early stopping needs one")
     sequences = training_sequences(data, splits, data.given_splits is None)
-    run = train_sasrec(sequences, len(data.catalogue), valid.histories, valid.targets, cfg, log=log)
+    test_domains = user_domain_indices(data, examples.users)  # [U]; None: single domain
+    item_domains = None if test_domains is None else np.asarray(data.item_domains)  # [N]
+    run = train_sasrec(sequences, len(data.catalogue), valid.histories, valid.targets, cfg, log=log,
+                       item_domains=item_domains, valid_domains=user_domain_indices(data, valid.users))
     clock = time.perf_counter()
-    items = recommend(run.model, examples.histories, top_k, exclude_history)
+    items = recommend(run.model, examples.histories, top_k, exclude_history, item_domains=item_domains,
+                      user_domains=test_domains)
     info = {"best_epoch": run.best_epoch, "valid_recall@10": run.best_valid_recall10, "stopped": run.stopped,
             "train_seconds": run.seconds, "users_per_s": len(examples) / max(time.perf_counter() - clock, 1e-9),
             "curve": run.curve, "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}

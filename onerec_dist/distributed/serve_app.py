@@ -55,7 +55,7 @@ class RecommendServer:
         """One decode for the whole batch at the largest k asked; each answer cut to its own k."""
         start = time.perf_counter()
         answers = self.service.recommend([r.user for r in requests], [r.history for r in requests],
-                                         k=max(r.k for r in requests))
+                                         k=max(r.k for r in requests), domains=[r.domain for r in requests])
         decode_ms = (time.perf_counter() - start) * 1e3
         self.batches += 1
         return [{"user": r.user, "path": a.path, "batch_size": len(requests), "decode_ms": decode_ms,
@@ -76,7 +76,7 @@ class RecommendServer:
                 raise RequestError(404, f"no route {request.url.path!r}; routes: POST /recommend, GET /health")
             if request.method != "POST":
                 raise RequestError(405, "/recommend takes POST with a JSON body")
-            parsed = parse_recommend(await request.body(), self.rows.get, self.cfg.max_k)
+            parsed = parse_recommend(await request.body(), self.rows.get, self.cfg.max_k, self.service.domain_names)
             answer = await self.recommend_batch(parsed)
             return JSONResponse({**answer, "latency_ms": (time.perf_counter() - start) * 1e3})
         except RequestError as err:

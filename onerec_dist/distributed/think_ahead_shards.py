@@ -1,7 +1,8 @@
 """Shard `onerec think_ahead` over Ray workers: ``serving.num_workers`` actors each load the model once, then build
 and write whole cache shards (onerec_dist.serving.think_ahead.build_shards) handed out by an ``ActorPool``; the
 driver draws one progress bar. Every shard file is written by its worker atomically, so a re-run skips finished
-shards whatever happened to the others."""
+shards whatever happened to the others. Data with several domains: the users' ``DomainRestriction`` and the domain
+names travel to every worker (each shard takes its users' part), as in the single process."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def ensure_ray_with_retry(temp_dir: str | None = None, attempts: int = 3) -> boo
 
 class _ShardBuilder:
     def __init__(self, serve_cfg, model_dir: str, item_codes: np.ndarray, users, histories, cache_dir: str,
-                 fingerprints):
+                 fingerprints, restriction=None, domain_names=None):
         import torch
 
         from onerec_dist.devices import resolve_device
@@ -39,18 +40,20 @@ class _ShardBuilder:
         self.model.eval().to(resolve_device("auto" if serve_cfg.use_gpu else "cpu"))
         self.item_tok = ItemTokenizer.from_tokenizer(self.tokenizer)
         self.args = (serve_cfg, item_codes, users, histories, cache_dir, fingerprints)
+        self.domains = {"restriction": restriction, "domain_names": domain_names}
 
     def build(self, number: int) -> int:
         from onerec_dist.serving.think_ahead import build_shards
 
         serve_cfg, item_codes, users, histories, cache_dir, fingerprints = self.args
         return build_shards(self.model, self.tokenizer, self.item_tok, item_codes, users, histories, serve_cfg,
-                            cache_dir, [number], fingerprints)
+                            cache_dir, [number], fingerprints, **self.domains)
 
 
 def build_sharded(serve_cfg, model_dir: str, item_codes: np.ndarray, users, histories, cache_dir: str,
-                  numbers: list[int], fingerprints) -> int:
-    """Build the cache shards ``numbers`` on ``serve_cfg.num_workers`` Ray actors; returns the users written."""
+                  numbers: list[int], fingerprints, restriction=None, domain_names=None) -> int:
+    """Build the cache shards ``numbers`` on ``serve_cfg.num_workers`` Ray actors; returns the users written.
+    ``restriction`` (decoding/domains.DomainRestriction over ``users``) and ``domain_names``: data with domains."""
     import ray
     from ray.util import ActorPool
 
@@ -59,7 +62,8 @@ def build_sharded(serve_cfg, model_dir: str, item_codes: np.ndarray, users, hist
     ensure_ray_with_retry()
     actor = ray.remote(num_cpus=1, num_gpus=1 if serve_cfg.use_gpu else 0)(_ShardBuilder)
     shared = [ray.put(x) for x in (item_codes, list(users), [list(h) for h in histories])]
-    workers = [actor.remote(serve_cfg, model_dir, *shared, cache_dir, fingerprints)
+    workers = [actor.remote(serve_cfg, model_dir, *shared, cache_dir, fingerprints, restriction,
+                            list(domain_names) if domain_names is not None else None)
                for _ in range(min(serve_cfg.num_workers, len(numbers)))]
     written = 0
     with Progress(len(numbers), f"think_ahead x{len(workers)} workers", unit="shard") as bar:

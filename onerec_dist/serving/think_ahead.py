@@ -10,10 +10,20 @@ block, or the cached rationale with the best prefix score), decode the remaining
 prefixes (``decode(allowed_prefixes=...)``). A user without a cache entry is decoded over the whole catalogue in the
 same batch (an unrestricted row): the fallback, counted in ``ThinkAheadService.counts``.
 
-Cache on disk (``cache_dir``): ``manifest.json`` (fingerprints, settings, shard count) and one Parquet file per shard
-``shard-00000.parquet`` (columns user, prefixes [P, m], rationales [T], rationale_scores [T]; the fingerprints
-again in the schema metadata). A shard file is written atomically, so a re-run skips exactly the finished shards.
-The fingerprints bind the cache to one model and one ID table: ``load_cache`` refuses a cache built for another.
+Data with several domains (OneReason; onerec_dist/data/domains.py, decoding/domains.py): both parts stay inside the
+user's domain. Offline, the prompts name the domain and the partial search runs under the user's
+``DomainRestriction`` (its pure m_d-level prefixes). Online, a row's prefixes are the cached ones that lie inside the
+domain, at level M = max(m, m_d) (an m-level prefix with m < m_d can be shared by two domains, so it is refined to
+the domain's m_d-level prefixes below it); a user without a cache entry (or none inside the domain) is decoded over
+the domain's catalogue: the fallback is restricted too. The user's domain comes from the request, else the cache,
+else the domain of the latest history item (each item lies in one domain). ``CatalogueDomains`` (names + pure
+prefixes, codes only) is written into the manifest, so the server needs no dataset.
+
+Cache on disk (``cache_dir``): ``manifest.json`` (fingerprints, settings, shard count, domains or null) and one
+Parquet file per shard ``shard-00000.parquet`` (columns user, prefixes [P, m], rationales [T], rationale_scores [T],
+domain (index, -1: none); the fingerprints again in the schema metadata). A shard file is written atomically, so a
+re-run skips exactly the finished shards. The fingerprints bind the cache to one model and one ID table:
+``load_cache`` refuses a cache built for another.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,6 +88,48 @@ class Fingerprints:
         return cls(model_fingerprint(model_dir), table_fingerprint(model_dir))
 
 
+# ---------------------------------------------------------------------------------------------- domains
+
+
+@dataclass(frozen=True)
+class CatalogueDomains:
+    """The domains a cache was built for: names and their pure prefixes (decoding/domains.DomainPrefixes)."""
+
+    names: tuple[str, ...]
+    prefixes: Any  # decoding/domains.DomainPrefixes
+
+    def to_json(self) -> dict:
+        return {"names": list(self.names), "prefix_levels": self.prefixes.num_levels,
+                "prefixes": [p.tolist() for p in self.prefixes.prefixes]}
+
+    @classmethod
+    def from_json(cls, found: dict | None) -> CatalogueDomains | None:
+        import torch
+
+        from onerec_dist.decoding.domains import DomainPrefixes
+
+        if not found:
+            return None
+        m = int(found["prefix_levels"])
+        sets = tuple(torch.tensor(p, dtype=torch.long).reshape(-1, m) for p in found["prefixes"])
+        return cls(tuple(found["names"]), DomainPrefixes(m, sets))
+
+    def index(self, name: str) -> int:
+        if name not in self.names:
+            raise ValueError(f"domain {name!r} is unknown; allowed values: {', '.join(self.names)}")
+        return self.names.index(name)
+
+
+def prefixes_below(deeper: np.ndarray, shallower: np.ndarray) -> np.ndarray:
+    """The rows of ``deeper`` [A, M] whose first s codes are a row of ``shallower`` [B, s] (s <= M): with both
+    sets made of catalogue prefixes, the items below the result are the items below both sets."""
+    keys = {tuple(row) for row in np.asarray(shallower).tolist()}
+    s = np.asarray(shallower).shape[1]
+    deeper = np.asarray(deeper)
+    keep = [tuple(row[:s]) in keys for row in deeper.tolist()]
+    return deeper[np.asarray(keep, dtype=bool)] if len(keep) else deeper
+
+
 # ---------------------------------------------------------------------------------------------- offline build
 
 
@@ -98,10 +151,14 @@ def prefix_decoder(model, item_tok, item_codes: np.ndarray, cfg, pad_token_id: i
 
 
 def build_shard(model, tokenizer, decoder, item_codes: np.ndarray, users: Sequence[str],
-                histories: Sequence[Sequence[int]], cfg, seed: int) -> dict[str, list]:
-    """Cache rows of ``users``: {"user", "prefixes" [P_u, m], "rationales" [T], "rationale_scores" [T]} columns.
+                histories: Sequence[Sequence[int]], cfg, seed: int, restriction=None,
+                domain_names: Sequence[str] | None = None) -> dict[str, list]:
+    """Cache rows of ``users``: {"user", "prefixes" [P_u, m], "rationales" [T], "rationale_scores" [T], "domain"}
+    columns.
 
-    ``decoder`` is a ``prefix_decoder``; ``seed`` makes the sampled rationales repeatable per shard."""
+    ``decoder`` is a ``prefix_decoder``; ``seed`` makes the sampled rationales repeatable per shard. Data with
+    several domains: ``restriction`` (decoding/domains.DomainRestriction over ``users``) keeps each user's prefixes
+    inside its domain and ``domain_names`` (the D names) names the domain in the prompt."""
     import torch
 
     from onerec_dist.decoding.constraints import AllowedPrefixes
@@ -111,7 +168,9 @@ def build_shard(model, tokenizer, decoder, item_codes: np.ndarray, users: Sequen
     think = ThinkTokens.from_tokenizer(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     T = cfg.num_rationales
-    prompts = [inference_prompt(tokenizer, think, item_codes, h) for h in histories]
+    own = restriction.user_domains.tolist() if restriction is not None else [-1] * len(users)  # [U]
+    names = [domain_names[d] if d >= 0 and domain_names is not None else None for d in own]
+    prompts = [inference_prompt(tokenizer, think, item_codes, h, domain=name) for h, name in zip(histories, names)]
     repeated = [p for p in prompts for _ in range(T)]  # [U*T] user u's rationales are rows u*T .. u*T+T-1
     bodies: list[list[int]] = []
     was_training = model.training
@@ -124,7 +183,8 @@ def build_shard(model, tokenizer, decoder, item_codes: np.ndarray, users: Sequen
                                                   seed=seed * 100_003 + number)
             bodies.extend(chunk_bodies)
         closed = [close_think(think, p, b) for p, b in zip(repeated, bodies)]
-        result = decoder.decode_prefixes(closed, cfg.prefix_levels)  # prefixes [U*T, b, m]
+        allowed = restriction.repeat(T).allowed(range(len(repeated))) if restriction is not None else None
+        result = decoder.decode_prefixes(closed, cfg.prefix_levels, allowed_prefixes=allowed)  # [U*T, b, m]
     model.train(was_training)
     union = AllowedPrefixes.union_of_groups(result.prefixes, T)  # U rows, sorted unique prefixes
     ends = union.offsets.tolist()
@@ -134,7 +194,7 @@ def build_shard(model, tokenizer, decoder, item_codes: np.ndarray, users: Sequen
     return {"user": [str(u) for u in users],
             "prefixes": [codes[ends[u]:ends[u + 1]] for u in range(len(users))],
             "rationales": [texts[u * T:(u + 1) * T] for u in range(len(users))],
-            "rationale_scores": [best[u].tolist() for u in range(len(users))]}
+            "rationale_scores": [best[u].tolist() for u in range(len(users))], "domain": own}
 
 
 def shard_path(cache_dir: str | Path, number: int) -> Path:
@@ -152,7 +212,8 @@ def write_shard(path: Path, columns: dict[str, list], fingerprints: Fingerprints
     import pyarrow.parquet as pq
 
     schema = pa.schema([("user", pa.string()), ("prefixes", pa.list_(pa.list_(pa.int64()))),
-                        ("rationales", pa.list_(pa.string())), ("rationale_scores", pa.list_(pa.float64()))],
+                        ("rationales", pa.list_(pa.string())), ("rationale_scores", pa.list_(pa.float64())),
+                        ("domain", pa.int64())],
                        metadata={"format": CACHE_FORMAT, "model_fingerprint": fingerprints.model,
                                  "table_fingerprint": fingerprints.table, "prefix_levels": str(prefix_levels)})
     tmp = path.with_suffix(".parquet.tmp")
@@ -161,16 +222,18 @@ def write_shard(path: Path, columns: dict[str, list], fingerprints: Fingerprints
     return path
 
 
-def prepare_cache_dir(cache_dir: str | Path, fingerprints: Fingerprints, cfg, users: Sequence[str]) -> list[int]:
+def prepare_cache_dir(cache_dir: str | Path, fingerprints: Fingerprints, cfg, users: Sequence[str],
+                      domains: CatalogueDomains | None = None) -> list[int]:
     """Write (or check) the manifest; returns the shard numbers still to build. A cache dir holding a cache of
-    another model, ID table, user list or settings is refused (build into a new directory)."""
+    another model, ID table, user list, settings or domains is refused (build into a new directory)."""
     cache_dir, shard_size = Path(cache_dir), cfg.shard_size
     cache_dir.mkdir(parents=True, exist_ok=True)
     users_digest = hashlib.sha256("\n".join(map(str, users)).encode()).hexdigest()
     manifest = {"format": CACHE_FORMAT, "model_fingerprint": fingerprints.model,
                 "table_fingerprint": fingerprints.table, "settings": cache_settings(cfg), "num_users": len(users),
                 "users_sha256": users_digest, "shard_size": shard_size,
-                "num_shards": len(shard_ranges(len(users), shard_size))}
+                "num_shards": len(shard_ranges(len(users), shard_size)),
+                "domains": domains.to_json() if domains is not None else None}
     path = cache_dir / MANIFEST
     if path.is_file():
         old = json.loads(path.read_text())
@@ -196,6 +259,8 @@ class ThinkAheadCache:
     prefix_levels: int
     prefixes: dict[str, list[list[int]]] = field(default_factory=dict)
     rationales: dict[str, list[str]] = field(default_factory=dict)
+    domains: CatalogueDomains | None = None  # data with several domains; None: one
+    user_domains: dict[str, int] = field(default_factory=dict)  # user -> domain index (domains only)
 
     def __len__(self) -> int:
         return len(self.prefixes)
@@ -226,18 +291,22 @@ def load_cache(cache_dir: str | Path, expected: Fingerprints | None = None) -> T
     found = Fingerprints(manifest["model_fingerprint"], manifest["table_fingerprint"])
     if expected is not None:
         check_fingerprints(found, expected, cache_dir)
-    cache = ThinkAheadCache(found, int(manifest["settings"]["prefix_levels"]))
+    cache = ThinkAheadCache(found, int(manifest["settings"]["prefix_levels"]),
+                            domains=CatalogueDomains.from_json(manifest.get("domains")))
     for shard in sorted(cache_dir.glob("shard-*.parquet")):
         table = pq.read_table(shard)
         meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
         if (meta.get("model_fingerprint"), meta.get("table_fingerprint")) != (found.model, found.table):
             raise ValueError(f"{shard} was written for another model or ID table than {path} records")
         columns = table.to_pydict()
-        for user, prefixes, texts, scores in zip(columns["user"], columns["prefixes"], columns["rationales"],
-                                                 columns["rationale_scores"]):
+        own = columns.get("domain") or [-1] * len(columns["user"])  # caches written before domains have none
+        for user, prefixes, texts, scores, domain in zip(columns["user"], columns["prefixes"], columns["rationales"],
+                                                         columns["rationale_scores"], own):
             order = np.argsort(-np.asarray(scores), kind="stable")
             cache.prefixes[user] = prefixes
             cache.rationales[user] = [texts[i] for i in order]
+            if domain is not None and domain >= 0:
+                cache.user_domains[user] = int(domain)
     return cache
 
 
@@ -263,9 +332,11 @@ class Recommendation:
 
 
 class ThinkAheadService:
-    """Online completion over one model and its cache. ``recommend`` decodes a batch of requests in one call."""
+    """Online completion over one model and its cache. ``recommend`` decodes a batch of requests in one call.
+    ``domains`` (data with several domains; default: the cache's) keeps every answer inside the user's domain."""
 
-    def __init__(self, model, tokenizer, item_tok, item_codes: np.ndarray, cache: ThinkAheadCache | None, cfg):
+    def __init__(self, model, tokenizer, item_tok, item_codes: np.ndarray, cache: ThinkAheadCache | None, cfg,
+                 domains: CatalogueDomains | None = None):
         from onerec_dist.evaluation import EvalConfig, build_decoder
         from onerec_dist.reasoning.cot_format import ThinkTokens
 
@@ -280,22 +351,71 @@ class ThinkAheadService:
         if cache is not None and cache.prefix_levels >= self.decoder.index.num_levels:
             raise ValueError(f"the cache holds {cache.prefix_levels}-level prefixes of {self.decoder.index.num_levels}"
                              "-level IDs: nothing is left to complete online")
+        self.domains = domains if domains is not None else (cache.domains if cache is not None else None)
+        if self.domains is not None:
+            self._init_domains()
         self.counts = {path: 0 for path in PATHS}
 
-    def prompt(self, user: str, history: Sequence[int]) -> list[int]:
-        """The short online prompt: the latest ``recent_items`` items, then the (cached or empty) think block."""
+    def _init_domains(self) -> None:
+        """Per domain, its prefixes at level M = max(m, m_d) (the level of every row of a decode), and the domain of
+        each pure m_d-level prefix (to read a user's domain off an item of its history)."""
+        pure = self.domains.prefixes  # DomainPrefixes, level m_d
+        cached = self.cache.prefix_levels if self.cache is not None else pure.num_levels
+        self.levels = max(cached, pure.num_levels)  # M
+        self.catalogue_prefixes = np.unique(self.item_codes[:, :self.levels], axis=0)  # [P, M]
+        self.domain_sets = [prefixes_below(self.catalogue_prefixes, p.numpy()) for p in pure.prefixes]  # [P_d, M]
+        self.domain_of_prefix = {tuple(p): d for d, ps in enumerate(pure.prefixes) for p in ps.tolist()}
+
+    @property
+    def domain_names(self) -> tuple[str, ...]:
+        return self.domains.names if self.domains is not None else ()
+
+    def user_domain(self, user: str, history: Sequence[int], name: str | None = None) -> int:
+        """The request's domain (``name``), else the cache's, else the latest history item's; -1: no domains."""
+        if self.domains is None:
+            if name is not None:
+                raise ValueError(f"domain {name!r} given, but the catalogue has a single domain")
+            return -1
+        if name is not None:
+            return self.domains.index(name)
+        if self.cache is not None and str(user) in self.cache.user_domains:
+            return self.cache.user_domains[str(user)]
+        if history:
+            code = self.item_codes[int(list(history)[-1])][:self.domains.prefixes.num_levels]
+            return self.domain_of_prefix.get(tuple(int(c) for c in code), -1)
+        return -1
+
+    def prompt(self, user: str, history: Sequence[int], domain: str | None = None) -> list[int]:
+        """The short online prompt: the latest ``recent_items`` items (and the domain's name), then the (cached or
+        empty) think block."""
         from onerec_dist.reasoning.cot_format import close_think, inference_prompt
 
         recent = list(history)[-self.cfg.recent_items:]
-        prefix = inference_prompt(self.tokenizer, self.think, self.item_codes, recent)
+        prefix = inference_prompt(self.tokenizer, self.think, self.item_codes, recent, domain=domain)
         text = self.cache.best_rationale(user) if (self.cfg.use_rationale and self.cache is not None) else None
         body = self.think.body_ids(self.tokenizer, text) if text else None
         return close_think(self.think, prefix, body)
 
-    def recommend(self, users: Sequence[str], histories: Sequence[Sequence[int]], k: int | None = None
-                  ) -> list[Recommendation]:
+    def _domain_row(self, cached: list[list[int]] | None, domain: int):
+        """(the row's prefixes at level M or None = unrestricted, path) on data with domains (module docstring)."""
+        if cached is None:
+            return (None, "fallback") if domain < 0 else (self.domain_sets[domain].tolist(), "fallback")
+        cached = np.asarray(cached)  # [P, m]
+        if domain < 0:  # unknown domain: the cached set as it is, at level M
+            inside = cached if cached.shape[1] == self.levels else prefixes_below(self.catalogue_prefixes, cached)
+        elif cached.shape[1] == self.levels:  # m >= m_d: the cached prefixes below the domain's pure prefixes
+            inside = prefixes_below(cached, self.domains.prefixes.prefixes[domain].numpy())
+        else:  # m < m_d = M: the domain's pure prefixes below the cached (possibly shared) prefixes
+            inside = prefixes_below(self.domain_sets[domain], cached)
+        if len(inside):
+            return inside.tolist(), "cached"
+        return (None, "fallback") if domain < 0 else (self.domain_sets[domain].tolist(), "fallback")
+
+    def recommend(self, users: Sequence[str], histories: Sequence[Sequence[int]], k: int | None = None,
+                  domains: Sequence[str | None] | None = None) -> list[Recommendation]:
         """Top-k (default max_k) items per request; cached users below their prefixes, others over the whole
-        catalogue (fallback), all in one decode."""
+        catalogue (fallback), all in one decode. Data with several domains: every row inside its user's domain;
+        ``domains`` [B] names each request's domain (None: the cache's, else the latest history item's)."""
         from onerec_dist.decoding.constraints import AllowedPrefixes
 
         if len(users) != len(histories) or not users:
@@ -303,15 +423,23 @@ class ThinkAheadService:
                              "histories")
         k = self.cfg.max_k if k is None else k
         rows = [self.cache.get(u) if self.cache is not None else None for u in users]
-        prompts = [self.prompt(str(u), h) for u, h in zip(users, histories)]
-        allowed = None
-        if any(r is not None for r in rows):
-            allowed = AllowedPrefixes.from_lists(rows, num_levels=self.cache.prefix_levels)
+        names = list(domains) if domains is not None else [None] * len(users)
+        if self.domains is None:
+            prompts = [self.prompt(str(u), h) for u, h in zip(users, histories)]
+            paths = ["cached" if row is not None else "fallback" for row in rows]
+            allowed = None
+            if any(r is not None for r in rows):
+                allowed = AllowedPrefixes.from_lists(rows, num_levels=self.cache.prefix_levels)
+        else:
+            own = [self.user_domain(str(u), h, n) for u, h, n in zip(users, histories, names)]
+            prompts = [self.prompt(str(u), h, self.domains.names[d] if d >= 0 else None)
+                       for u, h, d in zip(users, histories, own)]
+            rows, paths = zip(*[self._domain_row(row, d) for row, d in zip(rows, own)])
+            allowed = AllowedPrefixes.from_lists(list(rows), num_levels=self.levels)
         out = self.decoder.decode(prompts, allowed_prefixes=allowed)
         items, scores = out.items[:, :k].cpu().tolist(), out.scores[:, :k].float().cpu().tolist()
         result = []
-        for row, its, scs in zip(rows, items, scores):
-            path = "cached" if row is not None else "fallback"
+        for path, its, scs in zip(paths, items, scores):
             self.counts[path] += 1
             keep = [j for j, item in enumerate(its) if item >= 0]  # fewer reachable items than k: drop dead slots
             result.append(Recommendation([its[j] for j in keep], [scs[j] for j in keep], path))
@@ -320,17 +448,21 @@ class ThinkAheadService:
 
 def build_shards(model, tokenizer, item_tok, item_codes: np.ndarray, users: Sequence[str],
                  histories: Sequence[Sequence[int]], cfg, cache_dir: str | Path, numbers: Sequence[int],
-                 fingerprints: Fingerprints, progress=None) -> int:
+                 fingerprints: Fingerprints, progress=None, restriction=None,
+                 domain_names: Sequence[str] | None = None) -> int:
     """Build and write shards ``numbers`` (of ``shard_ranges(len(users), cfg.shard_size)``) in this process; the
-    per-shard core of both the single process and the Ray workers. Returns the number of users written."""
+    per-shard core of both the single process and the Ray workers. Returns the number of users written. Data with
+    several domains: ``restriction`` (decoding/domains.DomainRestriction over ``users``) and ``domain_names`` (the
+    D names), as in ``build_shard``."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     decoder = prefix_decoder(model, item_tok, item_codes, cfg, pad)
     ranges = shard_ranges(len(users), cfg.shard_size)
     written = 0
     for number in numbers:
         lo, hi = ranges[number]
+        part = restriction.take(range(lo, hi)) if restriction is not None else None
         columns = build_shard(model, tokenizer, decoder, item_codes, users[lo:hi], histories[lo:hi], cfg,
-                              seed=cfg.seed + number)
+                              seed=cfg.seed + number, restriction=part, domain_names=domain_names)
         write_shard(shard_path(cache_dir, number), columns, fingerprints, cfg.prefix_levels)
         written += hi - lo
         if progress is not None:

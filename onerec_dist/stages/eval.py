@@ -4,8 +4,9 @@ validation) users, by constrained beam search over the whole catalogue; per-user
 The item IDs are those the model carries (``<model>/sid_table.json``, onerec_dist.sid.model_ids): ``sid.*`` settings
 given explicitly must give the same IDs, or the stage stops naming both sources.
 
-Data with several domains (onerec_dist/data/domains.py): prompts name the user's domain, the model (and the popularity
-baseline) recommend only items of the user's domain (decoding/domains.py), and every method's report gains
+Data with several domains (onerec_dist/data/domains.py): prompts name the user's domain, the model and every baseline
+(popular, sasrec, hf_generate) recommend only items of the user's domain (decoding/domains.py), and every method's
+report gains
 ``per_domain: {name: {recall@k, ndcg@k, validity, users}}`` (metrics.per_domain_report)."""
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ def run(cfg, output_dir: Path) -> dict:
             predictions["model"] = items
             predictions["model_scores"] = scores
         if "hf_generate" in eval_cfg.baseline:
-            items, seconds = decode_hf(eval_cfg, model, tokenizer, item_tok, item_codes, prompts, batches)
+            items, seconds = decode_hf(eval_cfg, model, tokenizer, item_tok, item_codes, prompts, batches,
+                                       data.item_domains if domains is not None else None, domains)
             summary["hf_generate"] = {**report(items),
                                       "users_per_s": len(examples) / max(seconds, 1e-9), "seconds": seconds}
             predictions["hf_generate"] = items
@@ -152,16 +154,41 @@ def decode_model(eval_cfg, model, tokenizer, item_tok, item_codes, catalogue, pr
     return items, scores, clock.seconds()
 
 
-def decode_hf(eval_cfg, model, tokenizer, item_tok, item_codes, prompts, batches):
-    from onerec_dist.decoding.hf_baseline import hf_beam_search
+def decode_hf(eval_cfg, model, tokenizer, item_tok, item_codes, prompts, batches, item_domains=None,
+              user_domains=None):
+    """(items [U, K], seconds) of HF generate + trie. With ``item_domains`` [N] and ``user_domains`` [U] (data with
+    several domains): each batch is decoded per domain with a trie of that domain's items only (the lookup stays
+    the whole catalogue's, so items come back as catalogue rows)."""
+    from onerec_dist.decoding.hf_baseline import build_trie, hf_beam_search
     from onerec_dist.progress import Progress
 
     clock = Stopwatch()
-    results = {}
+    pad, results = tokenizer.pad_token_id or 0, {}
+    tries = None
+    if user_domains is not None:
+        _, lookup, levels = build_trie(item_tok, item_codes)  # token row -> catalogue row
+        codes = np.asarray(item_codes)
+        tries = {d: (build_trie(item_tok, codes[np.asarray(item_domains) == d])[0], lookup, levels)
+                 for d in np.unique(user_domains).tolist()}
     for number, batch in enumerate(Progress.iterate(batches, "eval hf_generate", unit="batch")):
-        items, scores = hf_beam_search(model, item_tok, item_codes, [prompts[i] for i in batch],
-                                       eval_cfg.beam_width, eval_cfg.top_k, tokenizer.pad_token_id or 0)
-        results[number] = (items.numpy(), scores.numpy())
+        if tries is None:
+            items, scores = hf_beam_search(model, item_tok, item_codes, [prompts[i] for i in batch],
+                                           eval_cfg.beam_width, eval_cfg.top_k, pad)
+            results[number] = (items.numpy(), scores.numpy())
+            continue
+        items = np.full((len(batch), eval_cfg.top_k), -1, dtype=np.int64)
+        scores = np.full((len(batch), eval_cfg.top_k), -np.inf, dtype=np.float32)
+        for domain, trie in tries.items():  # one generate per domain present in the batch
+            rows = [j for j, i in enumerate(batch) if user_domains[i] == domain]
+            if rows:
+                got, got_scores = hf_beam_search(model, item_tok, item_codes, [prompts[batch[j]] for j in rows],
+                                                 eval_cfg.beam_width, eval_cfg.top_k, pad, trie=trie)
+                got = got.numpy()
+                # A domain with fewer items than beams leaves -inf beams, whose tokens HF picks arbitrarily: such a
+                # sequence is no item of the domain, so its slot is empty (-1), never another domain's item.
+                stray = (got >= 0) & (np.asarray(item_domains)[got] != domain)
+                items[rows], scores[rows] = np.where(stray, -1, got), got_scores.numpy()
+        results[number] = (items, scores)
     items, _ = merge_batches(results, batches, len(prompts), eval_cfg.top_k)
     return items, clock.seconds()
 
