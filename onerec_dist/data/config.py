@@ -76,6 +76,24 @@ class SyntheticConfig:
 
 
 @dataclass
+class DomainSplitConfig:
+    """``data.domain_split``: one read dataset split into domains by an item attribute
+    (onerec_dist/data/attribute_domains.py documents the rule; conf/schema/data.yaml each field)."""
+
+    attribute: str | None = None  # "categories" | "brand" (checked against the items' attributes); None: off
+    level: int = 0  # which component of the category path (0-based); brand has only level 0
+    max_domains: int = 4  # keep the N values with most interactions
+    other: Literal["merge", "drop"] = "merge"  # items of the other values: one more domain | removed (counted)
+    other_name: str = "Other"  # name of that domain (other=merge)
+
+    def __post_init__(self) -> None:
+        require(self.level >= 0, "data.domain_split.level", f"must be >= 0, got {self.level}")
+        require(self.max_domains >= 2, "data.domain_split.max_domains",
+                f"must be >= 2 (one domain is no split), got {self.max_domains}")
+        require(bool(self.other_name.strip()), "data.domain_split.other_name", "must be a non-empty name")
+
+
+@dataclass
 class DataConfig:
     format: Literal["synthetic", "letter", "minionerec", "interactions"] = "synthetic"
     name: str = "synthetic"
@@ -94,8 +112,13 @@ class DataConfig:
     item_column: str = "item"
     time_column: str | None = "timestamp"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    domain_split: DomainSplitConfig = field(default_factory=DomainSplitConfig)
 
     def __post_init__(self) -> None:
+        if self.domain_split.attribute is not None and self.format == "synthetic":
+            require(self.synthetic.num_domains == 1, "data.domain_split.attribute",
+                    f"must be null with data.synthetic.num_domains={self.synthetic.num_domains} (the generator "
+                    "already makes the domains); split by an attribute or generate domains, not both")
         require(self.max_history >= 1, "data.max_history", "must be >= 1")
         require(self.min_seq_len >= 3, "data.min_seq_len", "must be >= 3 (test + validation + one training target)")
         if self.format in ("letter", "minionerec"):

@@ -11,6 +11,7 @@ from collections import Counter
 
 import numpy as np
 
+from onerec_dist.data.attribute_domains import split_by_attribute
 from onerec_dist.data.config import DataConfig
 from onerec_dist.data.domains import check_domains
 from onerec_dist.data.readers import DataError, read_interactions, read_letter, read_minionerec
@@ -18,15 +19,19 @@ from onerec_dist.data.types import DropReport, Examples, InteractionData
 
 
 def load_dataset(cfg: DataConfig) -> InteractionData:
-    """Read the dataset that ``cfg.format`` names."""
+    """Read the dataset that ``cfg.format`` names; with ``data.domain_split.attribute`` set, split it into domains
+    by that item attribute (data/attribute_domains.py) before any split or semantic ID sees it."""
     if cfg.format == "synthetic":
         from onerec_dist.data.synthetic import generate_synthetic
 
         data = generate_synthetic(cfg.synthetic, name=cfg.name)
-        check_domains(data)
-        return data
-    readers = {"letter": read_letter, "minionerec": read_minionerec, "interactions": read_interactions}
-    return readers[cfg.format](cfg)
+    else:
+        readers = {"letter": read_letter, "minionerec": read_minionerec, "interactions": read_interactions}
+        data = readers[cfg.format](cfg)
+    if cfg.domain_split.attribute is not None:
+        data = split_by_attribute(data, cfg.domain_split)
+    check_domains(data)
+    return data
 
 
 def drop_short_users(data: InteractionData, cfg: DataConfig) -> None:
