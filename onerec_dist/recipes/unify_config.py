@@ -98,7 +98,8 @@ class UnifyConfig:
         (no teacher for a domain the data lacks)."""
         if len(domain_names) < 2:
             raise ValueError("unify.teachers: `onerec unify` needs data with several domains (e.g. "
-                             "experiment=domains or data.synthetic.num_domains=2); this data has a single domain")
+                             "experiment=domains, data.synthetic.num_domains=2, or a real dataset split by an item "
+                             "attribute: data.domain_split.attribute=categories); this data has a single domain")
         missing = [d for d in domain_names if d not in self.teachers]
         unknown = [d for d in self.teachers if d not in domain_names]
         if missing or unknown:
