@@ -120,14 +120,19 @@ class CatalogueDomains:
         return self.names.index(name)
 
 
-def prefixes_below(deeper: np.ndarray, shallower: np.ndarray) -> np.ndarray:
-    """The rows of ``deeper`` [A, M] whose first s codes are a row of ``shallower`` [B, s] (s <= M): with both
-    sets made of catalogue prefixes, the items below the result are the items below both sets."""
-    keys = {tuple(row) for row in np.asarray(shallower).tolist()}
-    s = np.asarray(shallower).shape[1]
-    deeper = np.asarray(deeper)
-    keep = [tuple(row[:s]) in keys for row in deeper.tolist()]
-    return deeper[np.asarray(keep, dtype=bool)] if len(keep) else deeper
+def group_by_prefix(rows: np.ndarray, s: int) -> dict[tuple[int, ...], list[list[int]]]:
+    """``rows`` [A, M] grouped by their first ``s`` codes (s <= M), order kept: built once, so the rows below a set
+    of s-prefixes are one dict lookup per prefix (``rows_below``), not a scan of all A rows per request."""
+    groups: dict[tuple[int, ...], list[list[int]]] = {}
+    for row in np.asarray(rows).tolist():
+        groups.setdefault(tuple(row[:s]), []).append(row)
+    return groups
+
+
+def rows_below(groups: dict[tuple[int, ...], list[list[int]]], shallower) -> list[list[int]]:
+    """The grouped rows whose first s codes are a row of ``shallower`` [B, s]: with both sets made of catalogue
+    prefixes, the items below the result are the items below both sets (sorted when both inputs are)."""
+    return [row for prefix in np.asarray(shallower).tolist() for row in groups.get(tuple(prefix), ())]
 
 
 # ---------------------------------------------------------------------------------------------- offline build
@@ -358,12 +363,16 @@ class ThinkAheadService:
 
     def _init_domains(self) -> None:
         """Per domain, its prefixes at level M = max(m, m_d) (the level of every row of a decode), and the domain of
-        each pure m_d-level prefix (to read a user's domain off an item of its history)."""
+        each pure m_d-level prefix (to read a user's domain off an item of its history). Everything a request's row
+        needs is indexed here once (``_domain_row`` only looks up)."""
         pure = self.domains.prefixes  # DomainPrefixes, level m_d
-        cached = self.cache.prefix_levels if self.cache is not None else pure.num_levels
+        cached = self.cache.prefix_levels if self.cache is not None else pure.num_levels  # m
         self.levels = max(cached, pure.num_levels)  # M
-        self.catalogue_prefixes = np.unique(self.item_codes[:, :self.levels], axis=0)  # [P, M]
-        self.domain_sets = [prefixes_below(self.catalogue_prefixes, p.numpy()) for p in pure.prefixes]  # [P_d, M]
+        by_pure = group_by_prefix(np.unique(self.item_codes[:, :self.levels], axis=0), pure.num_levels)
+        self.domain_sets = [rows_below(by_pure, p.numpy()) for p in pure.prefixes]  # [D] each [P_d, M] lists
+        # m < m_d: the M-level rows of each domain (and of the catalogue) under each cached m-level prefix
+        self.domain_below = [group_by_prefix(rows, cached) for rows in self.domain_sets]
+        self.catalogue_below = group_by_prefix([r for rows in self.domain_sets for r in rows], cached)
         self.domain_of_prefix = {tuple(p): d for d, ps in enumerate(pure.prefixes) for p in ps.tolist()}
 
     @property
@@ -398,18 +407,19 @@ class ThinkAheadService:
 
     def _domain_row(self, cached: list[list[int]] | None, domain: int):
         """(the row's prefixes at level M or None = unrestricted, path) on data with domains (module docstring)."""
-        if cached is None:
-            return (None, "fallback") if domain < 0 else (self.domain_sets[domain].tolist(), "fallback")
-        cached = np.asarray(cached)  # [P, m]
-        if domain < 0:  # unknown domain: the cached set as it is, at level M
-            inside = cached if cached.shape[1] == self.levels else prefixes_below(self.catalogue_prefixes, cached)
-        elif cached.shape[1] == self.levels:  # m >= m_d: the cached prefixes below the domain's pure prefixes
-            inside = prefixes_below(cached, self.domains.prefixes.prefixes[domain].numpy())
-        else:  # m < m_d = M: the domain's pure prefixes below the cached (possibly shared) prefixes
-            inside = prefixes_below(self.domain_sets[domain], cached)
-        if len(inside):
-            return inside.tolist(), "cached"
-        return (None, "fallback") if domain < 0 else (self.domain_sets[domain].tolist(), "fallback")
+        inside: list[list[int]] = []
+        if cached is not None and len(cached):
+            m = len(cached[0])
+            if domain < 0:  # unknown domain: the cached set as it is, at level M
+                inside = [list(p) for p in cached] if m == self.levels else rows_below(self.catalogue_below, cached)
+            elif m == self.levels:  # m >= m_d: the cached prefixes that lie below one of the domain's pure prefixes
+                pure_m = self.domains.prefixes.num_levels
+                inside = [list(p) for p in cached if self.domain_of_prefix.get(tuple(p[:pure_m])) == domain]
+            else:  # m < m_d = M: the domain's pure prefixes below the cached (possibly shared) prefixes
+                inside = rows_below(self.domain_below[domain], cached)
+        if inside:
+            return inside, "cached"
+        return (None, "fallback") if domain < 0 else (self.domain_sets[domain], "fallback")
 
     def recommend(self, users: Sequence[str], histories: Sequence[Sequence[int]], k: int | None = None,
                   domains: Sequence[str | None] | None = None) -> list[Recommendation]:
