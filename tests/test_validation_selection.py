@@ -141,3 +141,18 @@ def test_align_stage_writes_a_fixed_validation_sample(tmp_path):
     assert write_validation_sample(None, codes, AlignConfig(), tmp_path, seed=0) == ""
     with pytest.raises(ValueError, match="align.validation_beam"):
         AlignConfig(validation_beam=5)
+
+
+def test_lr_decays_over_the_epoch_budget_not_max_steps(ray_local, tmp_path):
+    # 40 examples / micro-batch 4 on 1 worker = 10 steps per epoch; max_epochs=1 ends the loop at step 10 of
+    # max_steps=1000. The cosine must end there: the lr logged after optimizer step s is lr * f(s) with
+    # f(s) = r + (1 - r) * (1 + cos(pi * s / 10)) / 2, r = min_lr / lr = 0.1 (no warm-up), so f(5) = 0.55 and
+    # f(10) = 0.1. Decaying over max_steps instead would leave f(10) = 0.1 + 0.9 * (1 + cos(pi / 100)) / 2 ~ 0.9998.
+    from onerec_dist.distributed.ray_job import run_training
+
+    cfg = trainer(num_workers=1, max_steps=1000, max_epochs=1, lr=3e-3, min_lr=3e-4, lr_schedule="cosine",
+                  warmup_steps=0, log_every=1)
+    summary = run_training(ToyJob(), cfg, DeepSpeedConfig(zero_stage=2), tmp_path / "out")
+    lr_by_step = {row["step"]: row["lr"] for row in summary["log"]}
+    assert summary["steps"] == 10
+    assert lr_by_step[5] == pytest.approx(3e-3 * 0.55) and lr_by_step[10] == pytest.approx(3e-4)

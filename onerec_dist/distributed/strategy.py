@@ -230,11 +230,18 @@ class DeepSpeedStrategy:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         optimizer = torch.optim.AdamW(param_groups, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
                                       weight_decay=t.weight_decay)
-        schedule = LRSchedule(t.lr_schedule, t.warmup_steps, t.max_steps, t.min_lr / t.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        # Decays over trainer.max_steps until the loop knows its own budget (set_schedule_length).
+        self.lr_schedule = LRSchedule(t.lr_schedule, t.warmup_steps, t.max_steps, t.min_lr / t.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_schedule)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=self.deepspeed_config(), dist_init_required=False)
         return self.engine
+
+    def set_schedule_length(self, total_steps: int) -> None:
+        """End the LR decay at ``total_steps`` (the loop's budget: trainer.max_epochs may end training long before
+        trainer.max_steps, and a cosine over max_steps would then never anneal). Call before the first step or after
+        loading a checkpoint (LambdaLR restores the schedule's fields with its state)."""
+        self.lr_schedule.total_steps = total_steps
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of an already-normalised loss (the worker loop divides by the global token count, so no

@@ -193,6 +193,7 @@ def run_one(config: dict[str, Any], publish: str, resume_dir: str | Path | None)
 
     loop = _Loop(job, trainer, strategy, engine, source, tasks, output_dir, num_params, fingerprint, publish)
     loop.tokenizer, loop.max_steps = tokenizer, step_budget(trainer, source)
+    strategy.set_schedule_length(loop.max_steps)  # the LR decays over the steps that will run
     # 4N + 2N_train + attention; a producer without planned lengths counts no attention
     loop.flops_per_token = training_flops_per_token(model, getattr(source, "lengths", ()))
     logger = RankZeroLogger(trainer, output_dir, strategy.rank, state["step"],
