@@ -241,6 +241,117 @@ def test_vllm_missing_or_no_gpu_is_a_clear_error(tiny_lm, monkeypatch):
         load_generator(cfg, ModelSource("/models/teacher"))
 
 
+# ---------------------------------------------------------------- the Ray plumbing, in-process (a fake `ray`)
+
+
+def fake_ray(events: list) -> tuple[types.ModuleType, types.ModuleType]:
+    """Actors run in this process; ``wait`` hands back the newest submitted ref first, so shards finish out of
+    order; a worker's exception comes back as a RayTaskError with ``cause``, as in Ray."""
+    ray = types.ModuleType("ray")
+    exceptions = types.ModuleType("ray.exceptions")
+
+    class RayError(Exception):
+        pass
+
+    class RayTaskError(RayError):
+        def __init__(self, cause):
+            super().__init__(f"task failed: {cause!r}")
+            self.cause = cause
+
+    class Ref:
+        def __init__(self, call):
+            try:
+                self.value, self.error = call(), None
+            except Exception as err:  # noqa: BLE001 - what Ray would wrap
+                self.value, self.error = None, RayTaskError(err)
+
+    class Handle:
+        def __init__(self, cls, args):
+            self.instance = cls(*args)
+
+        def __getattr__(self, name):
+            method = getattr(self.instance, name)
+            return types.SimpleNamespace(remote=lambda *a: Ref(lambda: method(*a)))
+
+    def remote(**resources):
+        events.append(("resources", resources))
+        return lambda cls: types.SimpleNamespace(remote=lambda *args: Handle(cls, args))
+
+    def get(ref):
+        if ref.error is not None:
+            raise ref.error
+        return ref.value
+
+    exceptions.RayError = RayError
+    ray.exceptions, ray.remote, ray.get = exceptions, remote, get
+    ray.wait = lambda refs, num_returns=1: ([refs[-1]], refs[:-1])
+    ray.kill = lambda handle: events.append(("kill", handle))
+    ray.cluster_resources = lambda: {"CPU": 2.0}
+    return ray, exceptions
+
+
+@pytest.fixture
+def in_process_ray(monkeypatch):
+    from onerec_dist.distributed import ray_session
+
+    events: list = []
+    ray, exceptions = fake_ray(events)
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    monkeypatch.setitem(sys.modules, "ray.exceptions", exceptions)
+    monkeypatch.setattr(ray_session, "ensure_ray", lambda **kwargs: False)
+    return events
+
+
+def test_sharded_generation_gathers_in_request_order(tiny_lm, tmp_path, in_process_ray):
+    # 5 requests, batches of 2, 2 workers -> shards [0, 2), [2, 4), [4, 5), finishing in reverse order; each worker
+    # loads the saved run model (work_dir/teacher_model) and forms the in-process batches: the same rationales.
+    model, tokenizer = tiny_lm
+    cfg = llm_cfg(do_sample=True, temperature=1.5, seed=2)
+    local = build_teacher(cfg, toy_data(), None, model=model, tokenizer=tokenizer)
+    expected = local.rationales(REQUESTS[:2]) + local.rationales(REQUESTS[2:4]) + local.rationales(REQUESTS[4:])
+    sharded = build_teacher(llm_cfg(do_sample=True, temperature=1.5, seed=2, num_workers=2), toy_data(), None,
+                            model=model, tokenizer=tokenizer, work_dir=tmp_path)
+    assert (tmp_path / "teacher_model" / "config.json").is_file()
+    assert sharded.rationales(REQUESTS) == expected and len(set(expected)) > 1
+    assert in_process_ray[0] == ("resources", {"num_cpus": 1, "num_gpus": 0})
+    sharded.close()
+    assert [e[0] for e in in_process_ray].count("kill") == 2
+
+
+class FailsAt:
+    """A generator that writes "r<index>" and fails on request ``bad``."""
+
+    def __init__(self, bad: int):
+        self.bad = bad
+
+    def generate(self, prompts, indices):
+        if self.bad in indices:
+            raise ValueError(f"out of memory at request {self.bad}")
+        return [f"r{i}" for i in indices]
+
+
+def test_a_failing_worker_names_its_shard_and_cause(in_process_ray, monkeypatch):
+    from onerec_dist.distributed.teacher_shards import ShardedGenerator
+    from onerec_dist.reasoning.teachers import llm
+
+    cfg = llm_cfg(num_workers=2)
+    monkeypatch.setattr(llm, "load_generator", lambda cfg, source: FailsAt(bad=99))
+    prompts = [f"p{i}" for i in range(5)]
+    assert ShardedGenerator(cfg, ModelSource("unused")).generate(prompts, range(5)) == [f"r{i}" for i in range(5)]
+    monkeypatch.setattr(llm, "load_generator", lambda cfg, source: FailsAt(bad=3))
+    with pytest.raises(RuntimeError, match=r"teacher shard 1 \(requests 2..3\) failed on a Ray worker: ValueError: "
+                                           r"out of memory at request 3"):
+        ShardedGenerator(cfg, ModelSource("unused")).generate(prompts, range(5))
+    assert [e[0] for e in in_process_ray].count("kill") == 2  # the failed run's workers are released
+
+
+def test_gpu_workers_need_a_gpu_in_the_cluster(in_process_ray):
+    from onerec_dist.distributed.teacher_shards import ShardedGenerator
+
+    with pytest.raises(ValueError, match=r"reasoning.teacher.use_gpu=true but the Ray cluster has no GPU"):
+        ShardedGenerator(llm_cfg(num_workers=2, use_gpu=True), ModelSource("unused")).generate(["p"], [0])
+
+
 # ---------------------------------------------------------------- Ray (the one multi-process test)
 
 
