@@ -302,14 +302,15 @@ def in_process_ray(monkeypatch):
     return events
 
 
-def test_sharded_generation_gathers_in_request_order(tiny_lm, tmp_path, in_process_ray):
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_sharded_generation_gathers_in_request_order(tiny_lm, tmp_path, in_process_ray, do_sample):
     # 5 requests, batches of 2, 2 workers -> shards [0, 2), [2, 4), [4, 5), finishing in reverse order; each worker
     # loads the saved run model (work_dir/teacher_model) and forms the in-process batches: the same rationales.
     model, tokenizer = tiny_lm
-    cfg = llm_cfg(do_sample=True, temperature=1.5, seed=2)
+    cfg = llm_cfg(do_sample=do_sample, temperature=1.5, seed=2)
     local = build_teacher(cfg, toy_data(), None, model=model, tokenizer=tokenizer)
     expected = local.rationales(REQUESTS[:2]) + local.rationales(REQUESTS[2:4]) + local.rationales(REQUESTS[4:])
-    sharded = build_teacher(llm_cfg(do_sample=True, temperature=1.5, seed=2, num_workers=2), toy_data(), None,
+    sharded = build_teacher(llm_cfg(do_sample=do_sample, temperature=1.5, seed=2, num_workers=2), toy_data(), None,
                             model=model, tokenizer=tokenizer, work_dir=tmp_path)
     assert (tmp_path / "teacher_model" / "config.json").is_file()
     assert sharded.rationales(REQUESTS) == expected and len(set(expected)) > 1
@@ -355,18 +356,19 @@ def test_gpu_workers_need_a_gpu_in_the_cluster(in_process_ray):
 # ---------------------------------------------------------------- Ray (the one multi-process test)
 
 
+@pytest.mark.slow
 def test_sharded_teacher_equals_in_process_on_two_ray_workers(ray_local, tiny_lm, tmp_path):
-    # 5 requests, batches of 2 -> shards [0, 2), [2, 4), [4, 5) on 2 workers (ShardedGenerator joins the Ray of
-    # ray_local through ray_session). Greedy and sampled: the gathered rationales equal the in-process ones.
+    # 5 requests, batches of 2 -> shards [0, 2), [2, 4), [4, 5) on 2 real Ray workers (ShardedGenerator joins the Ray
+    # of ray_local through ray_session), sampled with per-request seeds: the gathered rationales equal the in-process
+    # ones (greedy, and the scheduling in detail, are checked in-process above).
     model, tokenizer = tiny_lm
     data = toy_data()
-    for do_sample in (False, True):
-        cfg = llm_cfg(do_sample=do_sample, temperature=1.5, seed=2)
-        local = build_teacher(cfg, data, None, model=model, tokenizer=tokenizer)
-        # The bootstrap's order: in-process a batch at a time, sharded all at once (takes_all_requests).
-        expected = local.rationales(REQUESTS[:2]) + local.rationales(REQUESTS[2:4]) + local.rationales(REQUESTS[4:])
-        sharded = build_teacher(llm_cfg(do_sample=do_sample, temperature=1.5, seed=2, num_workers=2), data, None,
-                                model=model, tokenizer=tokenizer, work_dir=tmp_path)
-        assert sharded.takes_all_requests
-        assert sharded.rationales(REQUESTS) == expected and len(set(expected)) > 1
-        sharded.close()
+    cfg = llm_cfg(do_sample=True, temperature=1.5, seed=2)
+    local = build_teacher(cfg, data, None, model=model, tokenizer=tokenizer)
+    # The bootstrap's order: in-process a batch at a time, sharded all at once (takes_all_requests).
+    expected = local.rationales(REQUESTS[:2]) + local.rationales(REQUESTS[2:4]) + local.rationales(REQUESTS[4:])
+    sharded = build_teacher(llm_cfg(do_sample=True, temperature=1.5, seed=2, num_workers=2), data, None,
+                            model=model, tokenizer=tokenizer, work_dir=tmp_path)
+    assert sharded.takes_all_requests
+    assert sharded.rationales(REQUESTS) == expected and len(set(expected)) > 1
+    sharded.close()
