@@ -169,7 +169,7 @@ def test_llm_teacher_prompts_and_batches(tiny_lm):
     assert "Their next purchase was: Lum Photo Printer D4 (Printing > Photo Printers) by Lum" in prompt
     assert "Seed" not in prompt  # item 5 was pruned away
     out = teacher.rationales(requests)
-    assert len(out) == 3 and teacher.batches_done == 2  # 3 requests in batches of 2
+    assert len(out) == 3 and teacher.requests_done == 3  # the next call's requests are indexed (seeded) from 3
     with pytest.raises(ValueError, match="reasoning.teacher.model is null .* no model was given"):
         build_teacher(cfg, data, train_windows())
 

@@ -114,7 +114,8 @@ def bootstrap_rationales(data: InteractionData, splits: Mapping[str, Examples | 
 
     indices = _windows(train, bootstrap)
     counts, kept, dropped = LintCounts(), [], []
-    batch = teacher_cfg.batch_size
+    # A sharded teacher gets every request in one call (its workers run side by side), the others a batch at a time.
+    batch = len(indices) if getattr(teacher, "takes_all_requests", False) else teacher_cfg.batch_size
     start = time.perf_counter()
     with tqdm(total=len(indices), desc=f"bootstrap ({teacher.name})", unit="ex", disable=not bootstrap.progress,
               mininterval=2.0) as bar:
@@ -143,6 +144,8 @@ def bootstrap_rationales(data: InteractionData, splits: Mapping[str, Examples | 
                     dropped.append({**record, "reason": reason})
             bar.update(len(chunk))
     seconds = time.perf_counter() - start
+    if hasattr(teacher, "close"):
+        teacher.close()  # e.g. the sharded teacher's Ray workers
 
     records_path = write_records(kept, out_dir, bootstrap.format)
     with (out_dir / DROPPED_FILE).open("w", encoding="utf-8") as f:

@@ -69,7 +69,8 @@ def run_bootstrap(cfg, output_dir: Path) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path)
     similarity = build_similarity(rcfg.prune, data, train, sid_cfg=sid_config(cfg), model=model,
                                   item_tokenizer=item_tok, item_codes=item_codes)
-    teacher = build_teacher(rcfg.teacher, data, train, item_codes=item_codes, model=model, tokenizer=tokenizer)
+    teacher = build_teacher(rcfg.teacher, data, train, item_codes=item_codes, model=model, tokenizer=tokenizer,
+                            work_dir=output_dir)
     summary = bootstrap_rationales(data, splits, teacher, rcfg.teacher, similarity, output_dir, prune=rcfg.prune,
                                    lint=rcfg.lint, bootstrap=rcfg.bootstrap, item_codes=item_codes,
                                    tokenizer=tokenizer)

@@ -5,7 +5,8 @@ conf/reasoning/teacher/{metadata,template,llm}.yaml):
     OneReason's three levels (persona abstraction -> interest expansion -> transition inference);
   * ``template`` (teachers/template.py): one sentence naming the history's categories and the target's, the
     baseline of the public code;
-  * ``llm`` (teachers/llm.py): any Hugging Face causal LM, prompt template in config, batched seeded ``generate``.
+  * ``llm`` (teachers/llm.py): any Hugging Face causal LM, prompt template in config, batched ``generate`` seeded per
+    request; in-process, or sharded over ``num_workers`` Ray workers (CPU or GPU), with vLLM as a GPU backend.
 
 A teacher sees a ``TeacherRequest`` (the pruned history, the full one, the target) of a *training* window only and
 returns one rationale per request (``Teacher.rationales``, a batch at a time). Nothing here decides which windows
@@ -43,7 +44,9 @@ class TeacherRequest:
 
 
 class Teacher(Protocol):
-    """Writes one rationale per request, deterministically given its seed and the batch."""
+    """Writes one rationale per request, deterministically given its seed and the request's position in the run
+    (never on how requests were batched or sharded). Optional: ``takes_all_requests`` (True: hand over every request
+    in one call, e.g. to shard them over workers) and ``close()`` (release workers when done)."""
 
     name: str
 
@@ -91,11 +94,18 @@ class LLMTeacherConfig:
     do_sample: bool = False
     temperature: float = 0.7
     top_p: float = 0.9
+    num_workers: int = 1  # 1: in-process; > 1: Ray workers (onerec_dist/distributed/teacher_shards.py)
+    use_gpu: bool = False  # one GPU per Ray worker (and the in-process model loaded from `model` goes to the GPU)
 
     def __post_init__(self) -> None:
         _check_common(self)
         require(self.backend in ("hf", "vllm"), "reasoning.teacher.backend",
                 f"{self.backend!r} is not allowed; allowed values: 'hf', 'vllm'")
+        require(self.seed >= 0, "reasoning.teacher.seed", f"must be >= 0 (it seeds every request), got {self.seed}")
+        require(self.num_workers >= 1, "reasoning.teacher.num_workers",
+                f"must be >= 1 (1: in-process, more: Ray workers), got {self.num_workers}")
+        require(self.backend != "vllm" or self.use_gpu, "reasoning.teacher.use_gpu",
+                "backend='vllm' runs on GPUs only: set use_gpu=true, or backend='hf' on CPU")
         require("{history}" in self.prompt_template and "{target}" in self.prompt_template,
                 "reasoning.teacher.prompt_template", "must contain the fields {history} and {target}")
         require(self.max_new_tokens >= 1, "reasoning.teacher.max_new_tokens",
@@ -125,10 +135,12 @@ def teacher_config(mapping: Mapping[str, Any] | None) -> TeacherConfig:
     return from_mapping(_CONFIGS[kind], mapping, "reasoning.teacher")
 
 
-def build_teacher(cfg: TeacherConfig, data, train, *, item_codes=None, model=None, tokenizer=None) -> Teacher:
+def build_teacher(cfg: TeacherConfig, data, train, *, item_codes=None, model=None, tokenizer=None,
+                  work_dir=None) -> Teacher:
     """The teacher of ``cfg``. Statistics are fitted on ``train`` (the training split) only; ``item_codes`` [N, L]
     are the items' semantic IDs (needed for ID-only data, and for the LLM's history lines); ``model`` /
-    ``tokenizer``: the loaded LLM when ``cfg.model`` is null (the aligned model of the run)."""
+    ``tokenizer``: the loaded LLM when ``cfg.model`` is null (the aligned model of the run), saved under
+    ``work_dir`` when Ray workers or vLLM must load it."""
     if isinstance(cfg, MetadataTeacherConfig):
         from onerec_dist.reasoning.teachers.metadata import MetadataTeacher
 
@@ -139,4 +151,4 @@ def build_teacher(cfg: TeacherConfig, data, train, *, item_codes=None, model=Non
         return TemplateTeacher(cfg, data, item_codes)
     from onerec_dist.reasoning.teachers.llm import LLMTeacher
 
-    return LLMTeacher.from_config(cfg, data, item_codes, model=model, tokenizer=tokenizer)
+    return LLMTeacher.from_config(cfg, data, item_codes, model=model, tokenizer=tokenizer, work_dir=work_dir)
