@@ -439,3 +439,56 @@ def test_bench_data_extrapolates_only_the_data_dependent_memory():
     assert bench_data.extrapolated_bytes(pickled, shards, 1_000_000, workers=2) == pytest.approx(62_100)
     # no shards run at that size: the whole pickled total scales (an upper bound)
     assert bench_data.extrapolated_bytes(pickled, None, 1_000_000, workers=2) == pytest.approx(270_000)
+
+
+def test_quality_run_reads_a_pipeline_summary(tmp_path):
+    """benchmarks/quality_run.py's record of a finished pipeline: metrics of the model, most-popular and SASRec from
+    the eval stage, and the model / SASRec ratio (R@10 .06 / .08 = 0.75)."""
+    import quality_run
+
+    summary = {"stages": ["prepare", "align_multitask", "eval"], "seconds": 120.0,
+               "prepare": {"seconds": 1.5}, "align_multitask": {"seconds": 100.0, "steps": 10,
+                                                               "validation": {"metric": "recall@10", "best_step": 10,
+                                                                              "curve": [{"step": 10,
+                                                                                         "recall@10": 0.1}]}},
+               "eval": {"seconds": 18.5, "dataset": "D", "split": "test", "num_users": 50, "num_items": 40,
+                        "recall@10": 0.06, "ndcg@10": 0.03, "validity": 1.0, "users_per_s": 9.0,
+                        "popular": {"recall@10": 0.01, "ndcg@10": 0.005},
+                        "sasrec": {"recall@10": 0.08, "ndcg@10": 0.04, "best_epoch": 3, "stopped": "max_epochs"}}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    report = quality_run.report_of(tmp_path)
+    assert report["model"] == {"recall@10": 0.06, "ndcg@10": 0.03, "validity": 1.0}   # users_per_s is not a metric
+    assert report["popular"] == {"recall@10": 0.01, "ndcg@10": 0.005}
+    assert report["ratio_recall@10_model_over_sasrec"] == pytest.approx(0.75)
+    assert report["stage_seconds"] == {"prepare": 1.5, "align_multitask": 100.0, "eval": 18.5}
+    assert report["sasrec_run"]["best_epoch"] == 3 and report["validation"]["curve"] == [{"step": 10,
+                                                                                          "recall@10": 0.1}]
+    del summary["eval"]["sasrec"]   # a run without the SASRec anchor: no ratio, not a crash
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert quality_run.report_of(tmp_path)["ratio_recall@10_model_over_sasrec"] is None
+
+
+def test_domains_compare_interval_and_gaps():
+    """benchmarks/domains_compare.py's pure parts. Wilson 95 % interval of 50 hits in 100 users:
+    centre (0.5 + 1.96^2/200) / (1 + 1.96^2/100) = 0.5, half 1.96 sqrt(0.25/100 + 1.96^2/40000) / 1.038416
+    = 1.96 x 0.0509519 / 1.038416 = 0.096171 -> [0.403829, 0.596171]."""
+    import domains_compare as dc
+
+    low, high = dc.interval95(0.5, 100)
+    assert low == pytest.approx(0.403829, abs=1e-6) and high == pytest.approx(0.596171, abs=1e-6)
+    low, high = dc.interval95(0.0, 40)        # no hit: the interval still has width, from 0
+    assert low == pytest.approx(0.0, abs=1e-12) and 0.08 < high < 0.09   # 1.96^2/40 / (1 + 1.96^2/40) = 0.0876
+
+    def r(value):
+        return {"recall@10": value, "users": 100, "ci95": dc.interval95(value, 100)}
+
+    # A: the specialist (.30) beats joint (.28); B: joint (.22) beats the specialist (.20)
+    recalls = {"spec_A": {"A": r(0.30), "B": r(0.05)}, "spec_B": {"A": r(0.04), "B": r(0.20)},
+               "joint": {"A": r(0.28), "B": r(0.22)},
+               "unify_rft": {"A": r(0.295), "B": r(0.25)}, "unify_distill": {"A": r(0.10), "B": r(0.21)}}
+    gaps = dc.comparison(recalls, ["A", "B"])
+    assert gaps["A"]["best"] == "spec_A" and gaps["A"]["gap_unify_rft"] == pytest.approx(-0.005)
+    assert gaps["A"]["gap_unify_distill"] == pytest.approx(-0.20)
+    assert gaps["B"]["best"] == "joint" and gaps["B"]["gap_unify_rft"] == pytest.approx(0.03)
+    summary = {"think": {"per_domain": {"A": {"recall@10": 0.5, "users": 100}}}}
+    assert dc.per_domain_recall(summary)["A"]["ci95"] == pytest.approx([0.403829, 0.596171], abs=1e-6)

@@ -100,13 +100,19 @@ def reward_decoder(module, item_tok, index, cfg: grpo.RLConfig, pad: int):
                               pad_token_id=pad, row_budget=cfg.row_budget)
 
 
-def rollout_phase(module, decoder, think, prompts: grpo.PromptSet, cfg: grpo.RLConfig, pad: int, seed: int, mark
-                  ) -> tuple[grpo.Rollout, torch.Tensor, torch.Tensor]:
+def rollout_phase(module, decoder, think, prompts: grpo.PromptSet, cfg: grpo.RLConfig, pad: int, seed: int, mark,
+                  sampler=None) -> tuple[grpo.Rollout, torch.Tensor, torch.Tensor]:
     """(rollout, rewards [B, G], per-level best match [N, L]) of ``prompts`` from ``module`` (whole weights, eval
     mode, no grad): G sampled rationales per prompt, then ONE constrained decode of all B*G prefixes.
     ``mark("rollout")`` is called between the two (the phase clock). Run by a worker (colocated) or a rollout
-    actor."""
-    rollout = grpo.sample_rationales(module, think, prompts, cfg, pad, seed)
+    actor; an actor with ``rl.rollout.engine=vllm`` passes its ``sampler`` (vllm_rollout.VLLMRationaleSampler) for
+    the text, the decode stays on ``module``."""
+    if sampler is None:
+        rollout = grpo.sample_rationales(module, think, prompts, cfg, pad, seed)
+    else:
+        bodies, closed = sampler.sample(grpo.grouped_prompts(prompts, cfg.group_size), cfg.max_think_tokens,
+                                        cfg.temperature, seed)
+        rollout = grpo.rollout_of(prompts, cfg.group_size, bodies, closed)
     mark("rollout")
     rewards, per_level = grpo.rollout_rewards(decoder, think, rollout, cfg.reward)              # [B, G], [N, L]
     return rollout, rewards, per_level

@@ -100,6 +100,12 @@ class RolloutPolicy:
         self.decoder = reward_decoder(self.model, item_tok, PrefixIndex.build(codes, item_tok.codebook_sizes), rl,
                                       self.pad)
         self.version, self.loaded = 0, 0  # version: updates the weights include; loaded: tensors since last commit
+        self.sampler = None  # rl.rollout.engine=vllm: vLLM samples the text, self.model still runs the reward decode
+        if rl.rollout.engine == "vllm":
+            from onerec_dist.distributed.vllm_rollout import VLLMRationaleSampler
+
+            self.sampler = VLLMRationaleSampler.load(model_dir, precision, self.think.end_id,
+                                                     rl.rollout.vllm_gpu_memory_utilization)
 
     def weight_version(self) -> int:
         return self.version
@@ -122,7 +128,7 @@ class RolloutPolicy:
 
         with torch.no_grad():
             rollout, rewards, per_level = rollout_phase(self.model, self.decoder, self.think, prompts, self.rl,
-                                                        self.pad, seed, mark)
+                                                        self.pad, seed, mark, self.sampler)
         mark("reward")
         return rollout, rewards.cpu(), per_level.cpu(), seconds
 
@@ -139,6 +145,8 @@ class RolloutPolicy:
                     raise ValueError(f"weight sync: {name} has shape {tuple(tensor.shape)}, the rollout actor's "
                                      f"{tuple(param.shape)}")
                 param.copy_(tensor)
+        if self.sampler is not None:
+            self.sampler.load_weights(bucket)
         self.loaded += len(bucket)
         return len(bucket)
 

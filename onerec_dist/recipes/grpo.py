@@ -58,6 +58,7 @@ class RLDebugConfig:
 
 
 ROLLOUT_BACKENDS = ("colocated", "actors")
+ROLLOUT_ENGINES = ("hf", "vllm")
 TRAINABLE = ("full", "lora")
 
 
@@ -72,10 +73,23 @@ class RolloutConfig:
     num_gpus_per_actor: float = 0.0
     num_cpus_per_actor: float = 0.0
     sync_bucket_mb: float = 64.0
+    engine: Literal["hf", "vllm"] = "hf"
+    vllm_gpu_memory_utilization: float = 0.5
 
     def __post_init__(self) -> None:
         require(self.backend in ROLLOUT_BACKENDS, "rl.rollout.backend",
                 f"{self.backend!r} is not allowed; allowed values: {', '.join(ROLLOUT_BACKENDS)}")
+        require(self.engine in ROLLOUT_ENGINES, "rl.rollout.engine",
+                f"{self.engine!r} is not allowed; allowed values: {', '.join(ROLLOUT_ENGINES)}")
+        if self.engine == "vllm":
+            require(self.backend == "actors", "rl.rollout.engine",
+                    "'vllm' samples inside rollout actors; it needs rl.rollout.backend=actors (allowed with "
+                    "backend=colocated: engine=hf)")
+            require(self.num_gpus_per_actor > 0, "rl.rollout.engine",
+                    "'vllm' runs on a GPU; it needs rl.rollout.num_gpus_per_actor > 0 (allowed on CPU actors: "
+                    "engine=hf)")
+        require(0 < self.vllm_gpu_memory_utilization < 1, "rl.rollout.vllm_gpu_memory_utilization",
+                f"{self.vllm_gpu_memory_utilization}: allowed values: in (0, 1)")
         require(self.num_actors >= 1, "rl.rollout.num_actors", f"{self.num_actors}: allowed values: >= 1")
         require(self.num_gpus_per_actor >= 0, "rl.rollout.num_gpus_per_actor",
                 f"{self.num_gpus_per_actor}: allowed values: >= 0 (0 = the actor runs on CPU)")
@@ -149,6 +163,10 @@ class RLConfig:
                 "must be null (all domains) or a domain name of the data")
         require(self.trainable in TRAINABLE, "rl.trainable",
                 f"{self.trainable!r} is not allowed; allowed values: {', '.join(TRAINABLE)}")
+        # vLLM holds plain weights: LoRA adapters would have to be merged into them after every update
+        require(not (self.trainable == "lora" and self.rollout.engine == "vllm"), "rl.rollout.engine",
+                "'vllm' needs rl.trainable=full (LoRA adapters are not merged into the vLLM weights); allowed with "
+                "rl.trainable=lora: engine=hf")
         require(self.group_size >= 2, "rl.group_size", f"{self.group_size}: group-relative advantages need G >= 2")
         require(self.beam_width >= 1, "rl.beam_width", "must be >= 1 (and <= the number of catalogue items)")
         for name in ("prompts_per_rank", "max_think_tokens", "max_prompt_length", "max_steps", "updates_per_rollout",
@@ -307,11 +325,22 @@ def sample_rationales(model, think, prompts: PromptSet, cfg: RLConfig, pad_token
     """G rationales per prompt from the policy (temperature ``cfg.temperature``), one batched generate."""
     from onerec_dist.reasoning.think_eval import generate_rationales
 
-    repeated = [p for p in prompts.prompts for _ in range(cfg.group_size)]               # [N]
+    repeated = grouped_prompts(prompts, cfg.group_size)                                     # [N]
     bodies, closed = generate_rationales(model, think, repeated, cfg.max_think_tokens, pad_token_id, do_sample=True,
                                          temperature=cfg.temperature, top_p=1.0, seed=seed)
-    codes = torch.as_tensor(np.repeat(prompts.target_codes, cfg.group_size, axis=0), dtype=torch.long)  # [N, L]
-    return Rollout(repeated, bodies, closed, codes, cfg.group_size, prompts.allowed_prefixes(cfg.group_size))
+    return rollout_of(prompts, cfg.group_size, bodies, closed)
+
+
+def grouped_prompts(prompts: PromptSet, group_size: int) -> list[list[int]]:
+    """[N = B*G] each prompt's ids ``group_size`` times, prompt-major (the rows of a Rollout)."""
+    return [p for p in prompts.prompts for _ in range(group_size)]
+
+
+def rollout_of(prompts: PromptSet, group_size: int, bodies: list[list[int]], closed: np.ndarray) -> Rollout:
+    """The Rollout of ``prompts`` from the sampled rationale ``bodies`` / ``closed`` [N] (any sampler)."""
+    codes = torch.as_tensor(np.repeat(prompts.target_codes, group_size, axis=0), dtype=torch.long)  # [N, L]
+    return Rollout(grouped_prompts(prompts, group_size), bodies, np.asarray(closed, dtype=bool), codes, group_size,
+                   prompts.allowed_prefixes(group_size))
 
 
 def rollout_rewards(decoder, think, rollout: Rollout, reward: str) -> tuple[torch.Tensor, torch.Tensor]:
