@@ -9,7 +9,7 @@ with the machine and the time").
 Writes ``benchmarks/results/quality_<name>_<cpu|gpu>.json``: test Recall/NDCG@5/10/20 of the model, most-popular and
 SASRec from the same run (the pipeline's eval stage), the ratio model / SASRec (the baseline measured in the same
 run), each stage's seconds, the validation learning curve (Recall@10 against step and seconds) and the provenance;
-and copies the learning-curve plot beside it (``quality_<name>_<cpu|gpu>_curve.png``). One run per line: the
+and copies the learning-curve plot beside it (``quality_<name>_<cpu|gpu>.png``). One run per line: the
 pipeline takes over an hour on CPU, so there are no repeats and no spread, which the JSON states.
 """
 
@@ -83,7 +83,7 @@ def main() -> int:
     path = run.finish(report, stem)
     plot = args.out / "align_multitask" / "multitask" / "learning_curve.png"   # written when validation ran
     if plot.is_file():
-        shutil.copyfile(plot, RESULTS_DIR / f"{stem}_curve.png")
+        shutil.copyfile(plot, RESULTS_DIR / f"{stem}.png")
     model, popular, sasrec = report["model"], report["popular"], report["sasrec"]
     print(f"{report['dataset']}: {report['num_users']} test users, pipeline {report['pipeline_seconds'] / 60:.1f} min")
     for name, block in (("model", model), ("most-popular", popular), ("SASRec", sasrec)):
