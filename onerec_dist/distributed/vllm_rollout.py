@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from onerec_dist.reasoning.teachers.llm import import_vllm, request_seed
+from onerec_dist.training.flops import DTYPES
 
 
 def cuda_available() -> bool:
@@ -45,16 +46,11 @@ class VLLMRationaleSampler:
     @classmethod
     def load(cls, model_dir: str, precision: str, end_id: int, gpu_memory_utilization: float
              ) -> "VLLMRationaleSampler":
-        try:
-            vllm = import_vllm()
-        except ImportError as err:
-            raise ImportError("rl.rollout.engine='vllm' needs the vllm package, which is not installed. It is a "
-                              "GPU-only optional extra (pip install 'onerec-dist[vllm]' on a CUDA machine); on CPU "
-                              "use engine=hf.") from err
+        vllm = import_vllm("rl.rollout.engine")
         if not cuda_available():
             raise ValueError("rl.rollout.engine='vllm' runs on a CUDA GPU, and this rollout actor has none; allowed "
                              "on CPU: engine=hf")
-        dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(precision, "auto")
+        dtype = str(DTYPES[precision]).removeprefix("torch.") if precision in DTYPES else "auto"   # "float32"
         # the exported model's tokenizer already holds the item and think tokens
         llm = vllm.LLM(model=model_dir, tokenizer=model_dir, dtype=dtype,
                        gpu_memory_utilization=gpu_memory_utilization)

@@ -32,8 +32,14 @@ from onerec_dist.data.types import Catalogue, InteractionData
 from onerec_dist.prompts import item_text, render_prompt
 from onerec_dist.reasoning.teachers import LLMTeacherConfig, TeacherRequest
 
-VLLM_MISSING = ("reasoning.teacher.backend='vllm' needs the vllm package, which is not installed. It is a GPU-only "
-                "optional extra (pip install 'onerec-dist[vllm]' on a CUDA machine); on CPU use backend=hf.")
+
+def vllm_missing(setting: str) -> str:
+    """What to do when ``setting`` (e.g. reasoning.teacher.backend) chose vllm and it is not installed."""
+    return (f"{setting}='vllm' needs the vllm package, which is not installed. It is a GPU-only optional extra "
+            f"(pip install 'onerec-dist[vllm]' on a CUDA machine); on CPU use {setting.rsplit('.', 1)[1]}=hf.")
+
+
+VLLM_MISSING = vllm_missing("reasoning.teacher.backend")
 
 
 def request_seed(seed: int, index: int) -> int:
@@ -133,12 +139,12 @@ class HFGenerator:
                               indices=indices, batch_size=cfg.batch_size)
 
 
-def import_vllm():
-    """The vllm module, or an ImportError that says what to do."""
+def import_vllm(setting: str = "reasoning.teacher.backend"):
+    """The vllm module, or an ImportError that names ``setting`` and says what to do."""
     try:
         import vllm
     except ImportError as err:
-        raise ImportError(VLLM_MISSING) from err
+        raise ImportError(vllm_missing(setting)) from err
     return vllm
 
 
