@@ -82,6 +82,21 @@ def _colocated(model, world, cfg, prompts, seed):
         return rollout_phase(model, decoder, think, prompts, cfg, tokenizer.pad_token_id, seed, lambda phase: None)
 
 
+def perturb_and_send(policy, model, bucket_bytes: int = 100_000):
+    """(trained, synced names, bucket count): a copy of ``model`` with noise on every weight (a stand-in for an
+    update), its trainable tensors sent to ``policy.load_bucket`` in ``bucket_bytes`` buckets (not committed)."""
+    trained = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    named = list(trained.named_parameters())
+    names = synced_names(named, adapters_only=False)
+    buckets = list(weight_buckets(((n, p.detach()) for n, p in named if n in names), bucket_bytes))
+    for bucket in buckets:
+        policy.load_bucket(dict(bucket))
+    return trained, names, len(buckets)
+
+
 def test_actor_rollout_equals_the_colocated_one_and_follows_synced_weights(tmp_path):
     policy, world, cfg = _policy_and_world(tmp_path)
     model, users = world[0], world[5]
@@ -93,16 +108,9 @@ def test_actor_rollout_equals_the_colocated_one_and_follows_synced_weights(tmp_p
     with pytest.raises(RuntimeError, match="holds weight version 0 but version 1"):
         policy.rollout(prompts, seed=7, version=1)
     # "train": perturb every weight, then sync it in 0.1 MB buckets (several for the ~0.8 MB tiny model)
-    trained = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in trained.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
+    trained, names, buckets = perturb_and_send(policy, model)
     named = list(trained.named_parameters())
-    names = synced_names(named, adapters_only=False)
-    buckets = list(weight_buckets(((n, p.detach()) for n, p in named if n in names), 100_000))
-    assert len(buckets) > 1
-    for bucket in buckets:
-        policy.load_bucket(dict(bucket))
+    assert buckets > 1
     with pytest.raises(RuntimeError, match="tensors were sent"):   # a lost bucket: the version does not move
         policy.commit(1, len(names) + 1)
     assert policy.weight_version() == 0

@@ -5,7 +5,6 @@ weight sync reaches both copies, and the config errors. No real vLLM runs here (
 
 from __future__ import annotations
 
-import copy
 import sys
 import types
 
@@ -13,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 from test_grpo import SIZES, build_world
+from test_rollout_pool import perturb_and_send
 
 from onerec_dist.distributed import vllm_rollout
 from onerec_dist.distributed.rl_worker import reward_decoder
-from onerec_dist.distributed.rollout_pool import RolloutPolicy, synced_names, weight_buckets
+from onerec_dist.distributed.rollout_pool import RolloutPolicy
 from onerec_dist.distributed.vllm_rollout import parse_completion
 from onerec_dist.recipes import grpo
 from onerec_dist.reasoning.teachers.llm import request_seed
@@ -137,14 +137,7 @@ def test_actor_samples_with_vllm_decodes_with_ours_and_syncs_both(tmp_path, monk
     assert torch.equal(rewards, colocated_decoder_rewards)
 
     # a sync of perturbed weights reaches the vLLM engine and the decoding copy
-    trained = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in trained.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    named = list(trained.named_parameters())
-    names = synced_names(named, adapters_only=False)
-    for bucket in weight_buckets(((n, p.detach()) for n, p in named if n in names), 100_000):
-        policy.load_bucket(dict(bucket))
+    trained, names, _ = perturb_and_send(policy, model)
     policy.commit(1, len(names))
     assert sorted(calls["loaded"]) == sorted(names)
     rollout, rewards, _, _ = policy.rollout(prompts, seed=7, version=1)
