@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _common import RESULTS_DIR, device_suffix, format_table, new_figure, save_figure, start_run, write_json
+from _common import RESULTS_DIR, device_suffix, format_table, new_figure, save_figure, start_run
 
 PIPELINE_STAGES = "[prepare,sid,align_warmup,align_multitask,reason_bootstrap,reason_sft]"
 STUDENTS = ("unify_rft", "unify_distill")
@@ -135,7 +135,6 @@ def main() -> int:
         print(f"{domain}: best {row['best']} {row['best_recall@10']:.4f}; "
               + ", ".join(f"{s} {row[f'gap_{s}']:+.4f}" for s in STUDENTS if f"gap_{s}" in row))
     print(f"-> {path}")
-    write_json({"comparison": gaps}, out / "comparison.json")
     return 0
 
 
