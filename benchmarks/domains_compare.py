@@ -65,6 +65,10 @@ def comparison(recalls: dict[str, dict[str, dict]], domains: list[str]) -> dict:
     """Per domain: the best of its specialist and joint RL, and each student's gap to it (student - best)."""
     out = {}
     for domain in domains:
+        missing = [model for model, r in recalls.items() if domain not in r]
+        if missing:
+            raise ValueError(f"domain {domain!r} has no test users in the evaluation of {missing}: evaluate users of "
+                             "every domain (eval.user_sample=random with eval.max_users, or eval.max_users=null)")
         candidates = {f"spec_{domain}": recalls[f"spec_{domain}"][domain]["recall@10"],
                       "joint": recalls["joint"][domain]["recall@10"]}
         best_name = max(candidates, key=candidates.get)

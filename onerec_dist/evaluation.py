@@ -28,6 +28,7 @@ class EvalConfig:
     normalization: Literal["full", "valid"] = "full"
     batch_size: int = 32
     max_users: int | None = None
+    user_sample: Literal["first", "random"] = "first"
     exclude_history: bool = False
     baseline: str | list[str] = "popular"
     model: bool = True
@@ -55,6 +56,20 @@ class EvalConfig:
         require(max(self.ks) <= self.top_k, "eval.ks", f"largest K {max(self.ks)} exceeds eval.top_k={self.top_k}")
         require(max(self.ndcg_ks) <= self.top_k, "eval.ndcg_ks", f"largest K exceeds eval.top_k={self.top_k}")
         require(self.model or bool(self.baseline), "eval.model", "false with no baseline: nothing to evaluate")
+
+
+def select_users(examples: Examples, max_users: int | None, how: str, seed: int) -> Examples:
+    """At most ``max_users`` of the split's users: the first ones (dataset order), or a seeded random sample kept
+    in dataset order ("random": on data with domains, the first users are all of one domain)."""
+    if max_users is None or max_users >= len(examples.users):
+        return examples
+    if how == "first":
+        keep = np.arange(max_users)
+    else:
+        keep = np.sort(np.random.default_rng(seed).choice(len(examples.users), size=max_users, replace=False))
+    examples.users, examples.histories, examples.targets = (
+        [x[i] for i in keep] for x in (examples.users, examples.histories, examples.targets))
+    return examples
 
 
 def eval_config(cfg) -> EvalConfig:

@@ -492,3 +492,6 @@ def test_domains_compare_interval_and_gaps():
     assert gaps["B"]["best"] == "joint" and gaps["B"]["gap_unify_rft"] == pytest.approx(0.03)
     summary = {"think": {"per_domain": {"A": {"recall@10": 0.5, "users": 100}}}}
     assert dc.per_domain_recall(summary)["A"]["ci95"] == pytest.approx([0.403829, 0.596171], abs=1e-6)
+    del recalls["joint"]["B"]   # an evaluation that drew no user of B (the first N users of 2-domain data)
+    with pytest.raises(ValueError, match=r"domain 'B' has no test users in the evaluation of \['joint'\]"):
+        dc.comparison(recalls, ["A", "B"])

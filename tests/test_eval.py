@@ -6,10 +6,12 @@ from collections import Counter
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from omegaconf import OmegaConf
 from conftest import shared_dataset
 
 from onerec_dist.cli import main
-from onerec_dist.evaluation import EvalConfig, length_batches, merge_batches, most_popular, training_item_counts
+from onerec_dist.evaluation import (EvalConfig, eval_config, length_batches, merge_batches, most_popular, select_users,
+                                   training_item_counts)
 from onerec_dist.data.types import Examples
 
 SMALL = ["data.synthetic.num_users=40", "data.synthetic.num_items=60", "eval.beam_width=10", "eval.top_k=10",
@@ -42,6 +44,26 @@ def test_eval_config_errors():
     with pytest.raises(ValueError, match="eval.beam_width: must be >= eval.top_k=20"):
         EvalConfig(beam_width=5)
     assert EvalConfig(baseline="popular").baseline == ["popular"]
+
+
+def test_select_users_first_or_a_seeded_sample_in_dataset_order():
+    def users(n):  # users 0..n-1, as a 2-domain dataset lists them: domain 0's first ("a"), then domain 1's ("b")
+        examples = Examples()
+        for i in range(n):
+            examples.append(f"{'a' if i < n // 2 else 'b'}{i}", [i], i)
+        return examples
+    assert select_users(users(10), None, "random", 0).targets == list(range(10))  # null: everyone
+    assert select_users(users(10), 20, "random", 0).targets == list(range(10))    # more than there are: everyone
+    assert select_users(users(10), 4, "first", 0).users == ["a0", "a1", "a2", "a3"]  # one domain only
+    sample = select_users(users(1000), 100, "random", 7)
+    # 100 distinct users in dataset order, the same for the same seed, each row still (user, history, target) aligned
+    assert len(set(sample.targets)) == 100 and sample.targets == sorted(sample.targets)
+    assert sample.targets == select_users(users(1000), 100, "random", 7).targets
+    assert all(u[1:] == str(t) and h == [t] for u, h, t in zip(sample.users, sample.histories, sample.targets))
+    # both halves are drawn: each holds 50 +- 15 of the 100 (hypergeometric sd ~4.7, so 15 is > 3 sd)
+    assert 35 <= sum(u.startswith("a") for u in sample.users) <= 65
+    with pytest.raises(ValueError, match="eval.user_sample"):
+        eval_config(OmegaConf.create({"eval": {"user_sample": "every_other"}}))
 
 
 def run_eval(tmp_path, *extra):

@@ -28,6 +28,7 @@ from onerec_dist.evaluation import (
     length_batches,
     merge_batches,
     most_popular,
+    select_users,
     training_item_counts,
 )
 from onerec_dist.metrics import per_domain_report, ranking_report
@@ -43,9 +44,7 @@ def run(cfg, output_dir: Path) -> dict:
     examples = splits.get(eval_cfg.split)
     if examples is None:
         raise ValueError(f"eval.split={eval_cfg.split}: dataset {data.name!r} has no {eval_cfg.split} split")
-    if eval_cfg.max_users is not None:
-        examples.users, examples.histories, examples.targets = (
-            x[: eval_cfg.max_users] for x in (examples.users, examples.histories, examples.targets))
+    examples = select_users(examples, eval_cfg.max_users, eval_cfg.user_sample, cfg.seed)
     model_cfg = model_config(cfg)
     item_codes, sizes, ids_source = semantic_ids_for_run(cfg, data, model_cfg.name_or_path)
     targets = np.asarray(examples.targets)
