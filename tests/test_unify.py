@@ -272,3 +272,19 @@ def test_fine_tune_student_calls_the_cot_sft_with_the_student_and_the_records(wo
     assert seen == {"model": exports["student"], "records": str(tmp_path / "rft" / "rationales.parquet"),
                     "out": tmp_path} and summary["export_dir"] == str(tmp_path / "export")
     assert cfg.model.name_or_path is None and cfg.reasoning.sft.rationales_path is None  # the run's cfg is untouched
+
+    def epochs_of(max_epochs):  # trainer.max_epochs the SFT receives (its step_budget: epochs x steps per epoch)
+        unify.fine_tune_student(cfg, unify_config({"teachers": {"x": "y"}, "student": exports["student"],
+                                                   "rft": {"max_epochs": max_epochs}}), tmp_path / "r", tmp_path)
+        return seen["epochs"]
+
+    def fake_run_sft(sft_cfg, output_dir):
+        seen["epochs"] = sft_cfg.trainer.get("max_epochs")
+        return {"export_dir": str(output_dir / "export")}
+
+    monkeypatch.setattr(reason_sft, "run_sft", fake_run_sft)
+    run_epochs = cfg.trainer.get("max_epochs")
+    assert epochs_of(3.0) == 3.0 and epochs_of(None) == run_epochs   # null: the run's own trainer.max_epochs
+    assert cfg.trainer.get("max_epochs") == run_epochs
+    with pytest.raises(ValueError, match=r"unify.rft.max_epochs: 0.0: allowed values: null or > 0"):
+        unify_config({"rft": {"max_epochs": 0.0}})

@@ -249,7 +249,10 @@ def run_rft(cfg, settings: UnifyConfig, data, splits, item_codes: np.ndarray, ou
 
 
 def fine_tune_student(cfg, settings: UnifyConfig, records_path: Path, output_dir: Path) -> dict[str, Any]:
-    """`onerec reason stage=sft` of the student on ``records_path`` into ``output_dir`` (export: output_dir/export)."""
+    """`onerec reason stage=sft` of the student on ``records_path`` into ``output_dir`` (export: output_dir/export);
+    ``unify.rft.max_epochs`` caps it at that many passes over the kept rationales (trainer.max_epochs): the kept set
+    is a few hundred records, and reasoning.sft.max_steps, sized for the bootstrap's thousands, would repeat each
+    of them tens of times."""
     from omegaconf import open_dict
 
     from onerec_dist.recipes.reason_sft import run_sft
@@ -258,6 +261,8 @@ def fine_tune_student(cfg, settings: UnifyConfig, records_path: Path, output_dir
     with open_dict(sft_cfg):
         sft_cfg.model.name_or_path = student_dir(cfg, settings)
         sft_cfg.reasoning.sft.rationales_path = str(records_path)
+        if settings.rft.max_epochs is not None:
+            sft_cfg.trainer.max_epochs = settings.rft.max_epochs
     return run_sft(sft_cfg, output_dir)
 
 

@@ -24,8 +24,11 @@ class RFTConfig:
     keep_unclosed: bool = False
     batch_size: int = 64
     format: Literal["parquet", "jsonl"] = "parquet"
+    max_epochs: float | None = None
 
     def __post_init__(self) -> None:
+        require(self.max_epochs is None or self.max_epochs > 0, "unify.rft.max_epochs",
+                f"{self.max_epochs}: allowed values: null or > 0")
         for name in ("samples_per_user", "max_think_tokens", "beam_width", "top_k", "batch_size"):
             require(getattr(self, name) >= 1, f"unify.rft.{name}", f"{getattr(self, name)}: allowed values: >= 1")
         require(self.temperature > 0, "unify.rft.temperature", f"{self.temperature}: allowed values: > 0")
