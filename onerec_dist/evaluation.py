@@ -61,15 +61,12 @@ class EvalConfig:
 def select_users(examples: Examples, max_users: int | None, how: str, seed: int) -> Examples:
     """At most ``max_users`` of the split's users: the first ones (dataset order), or a seeded random sample kept
     in dataset order ("random": on data with domains, the first users are all of one domain)."""
-    if max_users is None or max_users >= len(examples.users):
+    from onerec_dist.training.validation import sample_users  # the validation sample's draw: one sampler
+
+    if max_users is None or max_users >= len(examples):
         return examples
-    if how == "first":
-        keep = np.arange(max_users)
-    else:
-        keep = np.sort(np.random.default_rng(seed).choice(len(examples.users), size=max_users, replace=False))
-    examples.users, examples.histories, examples.targets = (
-        [x[i] for i in keep] for x in (examples.users, examples.histories, examples.targets))
-    return examples
+    keep = np.arange(max_users) if how == "first" else sample_users(len(examples), max_users, seed)
+    return examples.take(keep)
 
 
 def eval_config(cfg) -> EvalConfig:
