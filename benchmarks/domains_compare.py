@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from scipy.stats import binomtest
+
 from _common import RESULTS_DIR, device_suffix, format_table, new_figure, save_figure, start_run
 
 PIPELINE_STAGES = "[prepare,sid,align_warmup,align_multitask,reason_bootstrap,reason_sft]"
@@ -48,10 +50,8 @@ def interval95(recall: float, users: int) -> list[float]:
     """Wilson 95 % interval of a hit rate over ``users`` (Recall@10 with one target per user is a hit rate)."""
     if users <= 0:
         return [math.nan, math.nan]
-    z = 1.96
-    centre = (recall + z * z / (2 * users)) / (1 + z * z / users)
-    half = z * math.sqrt(recall * (1 - recall) / users + z * z / (4 * users * users)) / (1 + z * z / users)
-    return [centre - half, centre + half]
+    interval = binomtest(round(recall * users), users).proportion_ci(confidence_level=0.95, method="wilson")
+    return [float(interval.low), float(interval.high)]
 
 
 def per_domain_recall(eval_summary: dict, mode: str = "think") -> dict[str, dict]:

@@ -469,15 +469,15 @@ def test_quality_run_reads_a_pipeline_summary(tmp_path):
 
 
 def test_domains_compare_interval_and_gaps():
-    """benchmarks/domains_compare.py's pure parts. Wilson 95 % interval of 50 hits in 100 users:
-    centre (0.5 + 1.96^2/200) / (1 + 1.96^2/100) = 0.5, half 1.96 sqrt(0.25/100 + 1.96^2/40000) / 1.038416
-    = 1.96 x 0.0509519 / 1.038416 = 0.096171 -> [0.403829, 0.596171]."""
+    """benchmarks/domains_compare.py's pure parts. Wilson 95 % interval of 50 hits in 100 users, z = 1.959964
+    (the 97.5 % normal quantile, z^2 = 3.841459): centre (0.5 + z^2/200) / (1 + z^2/100) = 0.5, half
+    z sqrt(0.25/100 + z^2/40000) / 1.0384146 = 1.959964 x 0.0509513 / 1.0384146 = 0.0961685 -> [0.403832, 0.596168]."""
     import domains_compare as dc
 
     low, high = dc.interval95(0.5, 100)
-    assert low == pytest.approx(0.403829, abs=1e-6) and high == pytest.approx(0.596171, abs=1e-6)
+    assert low == pytest.approx(0.403832, abs=1e-6) and high == pytest.approx(0.596168, abs=1e-6)
     low, high = dc.interval95(0.0, 40)        # no hit: the interval still has width, from 0
-    assert low == pytest.approx(0.0, abs=1e-12) and 0.08 < high < 0.09   # 1.96^2/40 / (1 + 1.96^2/40) = 0.0876
+    assert low == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(0.087622, abs=1e-6)  # z^2/40 / (1 + z^2/40)
 
     def r(value):
         return {"recall@10": value, "users": 100, "ci95": dc.interval95(value, 100)}
@@ -491,7 +491,7 @@ def test_domains_compare_interval_and_gaps():
     assert gaps["A"]["gap_unify_distill"] == pytest.approx(-0.20)
     assert gaps["B"]["best"] == "joint" and gaps["B"]["gap_unify_rft"] == pytest.approx(0.03)
     summary = {"think": {"per_domain": {"A": {"recall@10": 0.5, "users": 100}}}}
-    assert dc.per_domain_recall(summary)["A"]["ci95"] == pytest.approx([0.403829, 0.596171], abs=1e-6)
+    assert dc.per_domain_recall(summary)["A"]["ci95"] == pytest.approx([0.403832, 0.596168], abs=1e-6)
     del recalls["joint"]["B"]   # an evaluation that drew no user of B (the first N users of 2-domain data)
     with pytest.raises(ValueError, match=r"domain 'B' has no test users in the evaluation of \['joint'\]"):
         dc.comparison(recalls, ["A", "B"])
