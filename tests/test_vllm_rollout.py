@@ -123,7 +123,7 @@ def test_actor_samples_with_vllm_decodes_with_ours_and_syncs_both(tmp_path, monk
                                                                 request_seed(seed, row)), None, think.end_id)
             bodies.append(body)
             closed.append(is_closed)
-        return grpo.rollout_of(prompts, cfg.group_size, bodies, np.array(closed))
+        return grpo.rollout_of(prompts, cfg.group_size, rows, bodies, np.array(closed))
 
     rollout, rewards, _, _ = policy.rollout(prompts, seed=7, version=0)
     assert calls["params"] == [{"n": 1, "temperature": 1.3, "top_p": 1.0, "max_tokens": 4,

@@ -110,9 +110,9 @@ def rollout_phase(module, decoder, think, prompts: grpo.PromptSet, cfg: grpo.RLC
     if sampler is None:
         rollout = grpo.sample_rationales(module, think, prompts, cfg, pad, seed)
     else:
-        bodies, closed = sampler.sample(grpo.grouped_prompts(prompts, cfg.group_size), cfg.max_think_tokens,
-                                        cfg.temperature, seed)
-        rollout = grpo.rollout_of(prompts, cfg.group_size, bodies, closed)
+        repeated = grpo.grouped_prompts(prompts, cfg.group_size)                              # [N]
+        bodies, closed = sampler.sample(repeated, cfg.max_think_tokens, cfg.temperature, seed)
+        rollout = grpo.rollout_of(prompts, cfg.group_size, repeated, bodies, closed)
     mark("rollout")
     rewards, per_level = grpo.rollout_rewards(decoder, think, rollout, cfg.reward)              # [B, G], [N, L]
     return rollout, rewards, per_level

@@ -328,7 +328,7 @@ def sample_rationales(model, think, prompts: PromptSet, cfg: RLConfig, pad_token
     repeated = grouped_prompts(prompts, cfg.group_size)                                     # [N]
     bodies, closed = generate_rationales(model, think, repeated, cfg.max_think_tokens, pad_token_id, do_sample=True,
                                          temperature=cfg.temperature, top_p=1.0, seed=seed)
-    return rollout_of(prompts, cfg.group_size, bodies, closed)
+    return rollout_of(prompts, cfg.group_size, repeated, bodies, closed)
 
 
 def grouped_prompts(prompts: PromptSet, group_size: int) -> list[list[int]]:
@@ -336,10 +336,12 @@ def grouped_prompts(prompts: PromptSet, group_size: int) -> list[list[int]]:
     return [p for p in prompts.prompts for _ in range(group_size)]
 
 
-def rollout_of(prompts: PromptSet, group_size: int, bodies: list[list[int]], closed: np.ndarray) -> Rollout:
-    """The Rollout of ``prompts`` from the sampled rationale ``bodies`` / ``closed`` [N] (any sampler)."""
+def rollout_of(prompts: PromptSet, group_size: int, repeated: list[list[int]], bodies: list[list[int]],
+               closed: np.ndarray) -> Rollout:
+    """The Rollout of ``prompts`` from the rationale ``bodies`` / ``closed`` [N] any sampler wrote after ``repeated``
+    (= grouped_prompts(prompts, group_size), the sampler's input)."""
     codes = torch.as_tensor(np.repeat(prompts.target_codes, group_size, axis=0), dtype=torch.long)  # [N, L]
-    return Rollout(grouped_prompts(prompts, group_size), bodies, np.asarray(closed, dtype=bool), codes, group_size,
+    return Rollout(repeated, bodies, np.asarray(closed, dtype=bool), codes, group_size,
                    prompts.allowed_prefixes(group_size))
 
 
