@@ -554,12 +554,13 @@ def rl_engine_configs(cfg, rl: RLConfig):
     """trainer / deepspeed configs of the RL run: rl.lr, rl.max_steps x updates, rl.micro_batches accumulation."""
     from omegaconf import OmegaConf
 
-    from onerec_dist.training.config import deepspeed_config, trainer_config
+    from onerec_dist.training.config import deepspeed_config, stage_trainer, trainer_config
 
-    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer.update(lr=rl.lr, max_steps=rl.max_steps * rl.updates_per_rollout, grad_accum_steps=rl.micro_batches,
-                   micro_batch_size=rl.micro_batch_rollouts or rl.rollouts_per_rank, batching="examples",
-                   max_epochs=None, validate_every=0)
+    trainer = stage_trainer(OmegaConf.to_container(cfg.trainer, resolve=True), lr=rl.lr,
+                            max_steps=rl.max_steps * rl.updates_per_rollout, grad_accum_steps=rl.micro_batches,
+                            micro_batch_size=rl.micro_batch_rollouts or rl.rollouts_per_rank, batching="examples",
+                            validate_every=0)
+    trainer["max_epochs"] = None  # the rollouts are the data: no passes
     return trainer_config(trainer), deepspeed_config(OmegaConf.to_container(cfg.deepspeed, resolve=True))
 
 

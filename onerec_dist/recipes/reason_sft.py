@@ -81,15 +81,16 @@ def run_bootstrap(cfg, output_dir: Path) -> dict:
 
 
 def engine_configs(cfg, lr: float | None, max_steps: int | None):
-    """trainer / deepspeed configs, with the SFT's lr and max_steps replacing trainer.* when set."""
+    """trainer / deepspeed configs, with the SFT's lr and max_steps replacing trainer.* when set. The CoT SFT does
+    not validate (its records are training windows with rationales; the alignment's validation decodes without a
+    think block), so trainer.validate_every, set for the alignment stages of the same run, is turned off here and
+    the export is the last step's model."""
     from omegaconf import OmegaConf
 
-    from onerec_dist.training.config import deepspeed_config, trainer_config
+    from onerec_dist.training.config import deepspeed_config, stage_trainer, trainer_config
 
-    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
-    for key, value in (("lr", lr), ("max_steps", max_steps)):
-        if value is not None:
-            trainer[key] = value
+    trainer = stage_trainer(OmegaConf.to_container(cfg.trainer, resolve=True), lr=lr, max_steps=max_steps,
+                            validate_every=0)
     return trainer_config(trainer), deepspeed_config(OmegaConf.to_container(cfg.deepspeed, resolve=True))
 
 

@@ -18,7 +18,7 @@ from onerec_dist.data.splits import load_dataset, make_splits
 from onerec_dist.model_setup import build_recommender, model_config, semantic_ids_for_run
 from onerec_dist.sid.model_ids import save_model_ids
 from onerec_dist.training.align_job import AlignJob, changed_outside_rows
-from onerec_dist.training.config import AlignConfig, align_config, deepspeed_config, trainer_config
+from onerec_dist.training.config import AlignConfig, align_config, deepspeed_config, stage_trainer, trainer_config
 from onerec_dist.training.shards import write_examples
 
 
@@ -26,10 +26,8 @@ def engine_configs(cfg, settings):
     """trainer / deepspeed configs, with the stage's lr and max_steps replacing trainer.* when set."""
     from omegaconf import OmegaConf
 
-    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
-    for key in ("lr", "max_steps"):
-        if getattr(settings, key) is not None:
-            trainer[key] = getattr(settings, key)
+    trainer = stage_trainer(OmegaConf.to_container(cfg.trainer, resolve=True), lr=settings.lr,
+                            max_steps=settings.max_steps)
     return trainer_config(trainer), deepspeed_config(OmegaConf.to_container(cfg.deepspeed, resolve=True))
 
 

@@ -174,6 +174,19 @@ def deepspeed_config(mapping: Any) -> DeepSpeedConfig:
     return from_mapping(DeepSpeedConfig, mapping, "deepspeed")
 
 
+def stage_trainer(trainer: dict, **overrides: Any) -> dict:
+    """``trainer`` (a plain mapping of trainer.*) with a stage's own settings (align.warmup.lr, reasoning.sft.max_steps,
+    rl.lr, ...) replacing it where they are not None. A stage lr below trainer.lr scales min_lr down with it (the
+    run's min_lr / lr ratio), so rl.lr = 1e-5 under trainer.lr = 1e-3, min_lr = 1e-4 anneals to 1e-6 instead of
+    being refused as min_lr > lr; a higher stage lr (the warm-up's) keeps the run's min_lr."""
+    trainer = dict(trainer)
+    lr = overrides.get("lr")
+    if lr is not None and trainer.get("lr"):
+        trainer["min_lr"] = min(trainer.get("min_lr", 0.0), trainer.get("min_lr", 0.0) * lr / trainer["lr"])
+    trainer.update({key: value for key, value in overrides.items() if value is not None})
+    return trainer
+
+
 def check_resources(trainer: TrainerConfig, *, gpus: float, cpus: float) -> None:
     """Raise a ValueError naming the counts when the cluster cannot host trainer.num_workers workers.
 
