@@ -146,6 +146,12 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+def onerec_command() -> str:
+    """The ``onerec`` entry point beside this interpreter (a venv run without its bin/ on PATH), else ``onerec``."""
+    beside_python = Path(sys.executable).parent / "onerec"
+    return str(beside_python) if beside_python.exists() else "onerec"
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 

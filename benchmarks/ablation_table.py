@@ -4,12 +4,14 @@ a subprocess in the order their parents need, each timed alone on the machine.
 
     python benchmarks/ablation_table.py OUT                                  # experiment=scientific_ablation
     python benchmarks/ablation_table.py OUT --set align.multitask.max_steps=3 --set eval.max_users=40   # a smoke run
+    python benchmarks/ablation_table.py OUT2 --rows ia ia_r --tag llm --set reasoning/teacher=llm   # another teacher
 
 A row whose ``OUT/<row>/summary.json`` exists is not run again (a crash loses at most the row it hit; its wall time
-then comes from that summary). Copies the table the last row rendered (``OUT/table.{md,csv,png}``) to
-``benchmarks/results/ablation_<experiment>_<cpu|gpu>.*`` and writes the JSON with every row's record, each row's wall
-time and the total, and provenance. One run per row (the table takes over an hour on CPU): the spread shown is each
-row's 95 % bootstrap interval over the evaluated users, and Δ's paired interval, not a spread over repeats.
+then comes from that summary; ``ln -s OUT/ia OUT2/ia`` reuses a row of another run). Copies the table the last row
+rendered (``OUT/table.{md,csv,png}``) to ``benchmarks/results/ablation_<experiment>[_<tag>]_<cpu|gpu>.*`` and writes
+the JSON with every row's record, each row's wall time and the total, and provenance. One run per row (the table takes
+over an hour on CPU): the spread shown is each row's 95 % bootstrap interval over the evaluated users, and Δ's paired
+interval, not a spread over repeats.
 """
 
 from __future__ import annotations
@@ -22,15 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, RESULTS_DIR, device_suffix, start_run
+from _common import REPO, RESULTS_DIR, device_suffix, onerec_command, start_run
 
 # Parents before children: ia_more takes ia_r's CoT SFT step count, ia_r_rl starts from ia_r.
 ROW_ORDER = ("popular", "sasrec", "base", "tiger", "ia", "ia_r", "ia_r_shuffled", "ia_more", "ia_r_rl")
-
-
-def onerec() -> str:
-    beside_python = Path(sys.executable).parent / "onerec"   # the venv's entry point when PATH lacks it
-    return str(beside_python) if beside_python.exists() else "onerec"
 
 
 def run_row(out: Path, experiment: str, row: str, overrides: list[str]) -> tuple[dict, float, bool]:
@@ -39,7 +36,8 @@ def run_row(out: Path, experiment: str, row: str, overrides: list[str]) -> tuple
     ran = not summary.is_file()
     start = time.perf_counter()
     if ran:
-        command = [onerec(), "ablation", f"experiment={experiment}", f"row={row}", f"output_dir={out}", *overrides]
+        command = [onerec_command(), "ablation", f"experiment={experiment}", f"row={row}", f"output_dir={out}",
+                   *overrides]
         print(f"[ablation_table] {row}: {' '.join(command)}", flush=True)
         subprocess.run(command, check=True, cwd=REPO)  # data.dir paths are relative to the checkout
     record = json.loads(summary.read_text())
@@ -53,6 +51,7 @@ def main() -> int:
     parser.add_argument("--experiment", default="scientific_ablation", help="conf/experiment/<name>.yaml")
     parser.add_argument("--rows", nargs="+", default=list(ROW_ORDER), choices=ROW_ORDER, help="rows to run, in order")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="Hydra override, repeatable")
+    parser.add_argument("--tag", default="", help="names a variant's results: ablation_<experiment>_<tag>_<device>")
     parser.add_argument("--device", default="cpu", help="cpu | cuda: names the result files")
     parser.add_argument("--allow-dirty", action="store_true", help="run although the tree has local changes")
     args = parser.parse_args()
@@ -64,7 +63,7 @@ def main() -> int:
         if not ran:
             reused.append(row)
         print(f"[ablation_table] {row}: {walls[row]:.0f} s", flush=True)
-    stem = f"ablation_{args.experiment}_{device_suffix(args.device)}"
+    stem = "_".join(filter(None, ("ablation", args.experiment, args.tag, device_suffix(args.device))))
     for suffix in ("md", "csv", "png"):
         if (out / f"table.{suffix}").is_file():
             shutil.copyfile(out / f"table.{suffix}", RESULTS_DIR / f"{stem}.{suffix}")

@@ -24,15 +24,10 @@ from pathlib import Path
 
 from scipy.stats import binomtest
 
-from _common import RESULTS_DIR, device_suffix, format_table, new_figure, save_figure, start_run
+from _common import RESULTS_DIR, device_suffix, format_table, new_figure, onerec_command, save_figure, start_run
 
 PIPELINE_STAGES = "[prepare,sid,align_warmup,align_multitask,reason_bootstrap,reason_sft]"
 STUDENTS = ("unify_rft", "unify_distill")
-
-
-def onerec() -> str:
-    beside_python = Path(sys.executable).parent / "onerec"   # the venv's entry point when PATH lacks it
-    return str(beside_python) if beside_python.exists() else "onerec"
 
 
 def run_step(out: Path, name: str, args: list[str], overrides: list[str]) -> dict:
@@ -40,7 +35,7 @@ def run_step(out: Path, name: str, args: list[str], overrides: list[str]) -> dic
     target = out / name
     summary = target / "summary.json"
     if not summary.is_file():
-        command = [onerec(), *args, f"output_dir={target}", *overrides]
+        command = [onerec_command(), *args, f"output_dir={target}", *overrides]
         print(f"[domains_compare] {name}: {' '.join(command)}", flush=True)
         subprocess.run(command, check=True)
     return json.loads(summary.read_text())

@@ -495,3 +495,29 @@ def test_domains_compare_interval_and_gaps():
     del recalls["joint"]["B"]   # an evaluation that drew no user of B (the first N users of 2-domain data)
     with pytest.raises(ValueError, match=r"domain 'B' has no test users in the evaluation of \['joint'\]"):
         dc.comparison(recalls, ["A", "B"])
+
+
+def test_ablation_table_runs_a_row_once_and_reuses_its_summary(tmp_path, monkeypatch):
+    """benchmarks/ablation_table.py: a row without OUT/<row>/summary.json runs `onerec ablation ... row=<row>` from the
+    checkout (its data paths are relative to it); a row with one is not run again and keeps its recorded wall time."""
+    import ablation_table as at
+
+    calls = []
+
+    def fake_run(command, check, cwd):   # what `onerec ablation` leaves behind
+        calls.append((command, cwd))
+        (tmp_path / "ia").mkdir()
+        (tmp_path / "ia" / "summary.json").write_text(json.dumps({"ablation_row": "ia", "wall_seconds": 99.0}))
+
+    monkeypatch.setattr(at.subprocess, "run", fake_run)
+    record, _, ran = at.run_row(tmp_path, "scientific_ablation", "ia", ["eval.max_users=40"])
+    assert ran and record["ablation_row"] == "ia" and len(calls) == 1
+    command, cwd = calls[0]
+    assert command[1:] == ["ablation", "experiment=scientific_ablation", "row=ia", f"output_dir={tmp_path}",
+                           "eval.max_users=40"] and cwd == at.REPO
+    record, seconds, ran = at.run_row(tmp_path, "scientific_ablation", "ia", [])
+    assert not ran and seconds == 99.0 and len(calls) == 1
+    # parents first: ia_more reads ia_r's step count, ia_r_rl starts from ia_r, ia_r* from ia
+    order = at.ROW_ORDER
+    assert order.index("ia") < order.index("ia_r") < order.index("ia_more")
+    assert order.index("ia_r") < order.index("ia_r_rl")
