@@ -51,21 +51,36 @@ def test_short_ids_count_only_after_an_item_marker():
 
 def test_empty_and_too_long():
     assert lint("   \n") == "empty"
-    assert lint(" ".join(["word"] * 256)) is None
+    assert lint(" ".join(f"w{i}" for i in range(256))) is None  # 256 distinct words (a loop would be repetitive)
     assert lint(" ".join(["word"] * 257)) == "too_long"
     # With a tokenizer-like counter (2 tokens per word): 129 words = 258 tokens > 256.
     assert lint(" ".join(["word"] * 129), count=lambda t: 2 * len(t.split())) == "too_long"
 
 
+def test_looping_generations_are_repetitive():
+    # zlib size / UTF-8 size: "perior" x 50 (300 bytes) compresses to 18 bytes, 0.06 < 0.25; "the shopper likes
+    # tapes. " x 8 (200 bytes): 0.18 < 0.25. A written rationale is kept (~0.6), and so is a short sentence, whose
+    # compressed size exceeds its own (ratio > 1).
+    assert lint("perior" * 50) == "repetitive"
+    assert lint("the shopper likes tapes. " * 8) == "repetitive"
+    assert lint("Persona: likes cameras and Lumora. Next: a Lumora film camera, since lenses came before.") is None
+    assert lint("Next: tapes.") is None
+    assert lint("perior" * 50, cfg=LintConfig(min_compression=0)) is None  # 0 turns the check off
+    # An over-long loop is counted as too_long (the earlier reason).
+    assert lint(" ".join(["word"] * 257)) == "too_long"
+
+
 def test_counts_split_leaks_from_other_drops():
     counts = LintCounts()
-    for reason in [None, "leak_title", "leak_id_text", "empty", None, "too_long", "leak_item_tokens"]:
+    for reason in [None, "leak_title", "leak_id_text", "empty", None, "too_long", "leak_item_tokens", "repetitive"]:
         counts.add(reason)
-    assert (counts.checked, counts.kept, counts.dropped_leak, counts.dropped_other) == (7, 2, 3, 2)
+    assert (counts.checked, counts.kept, counts.dropped_leak, counts.dropped_other) == (8, 2, 3, 3)
 
 
 def test_config_is_validated():
     with pytest.raises(ValueError, match="reasoning.lint.title_overlap"):
         LintConfig(title_overlap=0)
+    with pytest.raises(ValueError, match="reasoning.lint.min_compression"):
+        LintConfig(min_compression=1.0)
     with pytest.raises(ValueError, match="reasoning.lint.max_tokens"):
         LintConfig(max_tokens=0)

@@ -14,13 +14,18 @@ A rationale is dropped, with the first reason that applies, when it
     AB-123" (no shared trigram of its 4), "the Lumora Compact Film Camera" does not (2 of 4 = 0.5). A title of
     fewer than n words leaks when all of its words appear in order as a phrase;
   * ``empty``: nothing but whitespace;
-  * ``too_long``: more than ``max_tokens`` tokens (counted with the given tokenizer, else whitespace words).
-The first three are counted as leaks (``dropped_leak``), the last two as ``dropped_other``.
+  * ``too_long``: more than ``max_tokens`` tokens (counted with the given tokenizer, else whitespace words);
+  * ``repetitive``: a degenerate generation, one string looped (a weak ``llm`` teacher: the from-scratch model of
+    experiment=scientific_ablation wrote "periorperior..." for every window). Measured as zlib's compressed size over
+    the UTF-8 size, below ``min_compression``: written text stays above ~0.4 (the metadata teacher's Scientific
+    rationales 0.49-0.68, a one-sentence template ~1.0), a loop falls to ~0.02-0.2.
+The first three are counted as leaks (``dropped_leak``), the last three as ``dropped_other``.
 """
 
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -28,7 +33,7 @@ from onerec_dist.config import require
 from onerec_dist.sid.tokens import BEGIN_TOKEN, END_TOKEN, code_token
 
 LEAK_REASONS = ("leak_item_tokens", "leak_id_text", "leak_title")
-OTHER_REASONS = ("empty", "too_long")
+OTHER_REASONS = ("empty", "too_long", "repetitive")
 _WORD = re.compile(r"[a-z0-9]+")
 
 
@@ -40,6 +45,7 @@ class LintConfig:
     title_overlap: float = 0.5
     min_id_chars: int = 4
     max_tokens: int = 256
+    min_compression: float = 0.25
 
     def __post_init__(self) -> None:
         require(self.title_ngram >= 1, "reasoning.lint.title_ngram", f"must be >= 1, got {self.title_ngram}")
@@ -47,6 +53,8 @@ class LintConfig:
                 f"must be in (0, 1], got {self.title_overlap}")
         require(self.min_id_chars >= 1, "reasoning.lint.min_id_chars", f"must be >= 1, got {self.min_id_chars}")
         require(self.max_tokens >= 1, "reasoning.lint.max_tokens", f"must be >= 1, got {self.max_tokens}")
+        require(0 <= self.min_compression < 1, "reasoning.lint.min_compression",
+                f"must be in [0, 1) (0 keeps every rationale), got {self.min_compression}")
 
 
 @dataclass
@@ -117,4 +125,12 @@ def lint_rationale(rationale: str, *, target_codes: Sequence[int] | None, target
     length = count_tokens(rationale) if count_tokens is not None else len(rationale.split())
     if length > cfg.max_tokens:
         return "too_long"
+    if compression_ratio(rationale) < cfg.min_compression:
+        return "repetitive"
     return None
+
+
+def compression_ratio(text: str) -> float:
+    """zlib-compressed size / UTF-8 size: ~0.02 for one word looped, 0.4-0.7 for written sentences, > 1 when short."""
+    raw = text.encode("utf-8")
+    return len(zlib.compress(raw, 9)) / len(raw)
