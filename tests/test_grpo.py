@@ -191,6 +191,7 @@ def test_one_step_changes_only_trainable_params_and_is_finite(world):
     # step 1: actor == reference, so every k3 term exp(0) - 0 - 1 = 0; on-policy ratio 1 never clips
     assert row["kl"] == pytest.approx(0.0, abs=1e-6) and row["clip_frac"] == 0.0
     assert 0.0 <= row["reward"] <= 1.0 and 0 < row["rationale_length"] <= cfg.max_think_tokens
+    assert row["loss_tokens"] == stats["tokens"] > 0
     assert set(seconds) == {"rollout", "reward", "reference", "update", "sync"}
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed and not any(n.startswith("model.embed_tokens") for n in changed)   # frozen stays bit-identical
@@ -446,12 +447,13 @@ def test_heldout_report_and_probe_warning_worked_by_hand():
 
 
 def test_summary_fields():
-    history = [{"reward": r, "kl": 0.1 * i, "clip_frac": 0.0, "unclosed_share": 0.0}
+    history = [{"reward": r, "kl": 0.1 * i, "clip_frac": 0.0, "unclosed_share": 0.0, "loss_tokens": 100.0 + i}
                for i, r in enumerate(np.linspace(0, 1, 20))]
     out = grpo.summarise(history, {"before": {}, "after": {}}, {"rollout": 1.0})
     # first 10 of 0, 1/19, ..., 1: mean 4.5/19; last 10: mean 14.5/19
     assert out["reward_first10"] == pytest.approx(4.5 / 19) and out["reward_last10"] == pytest.approx(14.5 / 19)
     assert out["kl_max"] == pytest.approx(1.9)
+    assert out["tokens"] == 20 * 100 + 190   # sum of 100 + i over i < 20: what the ablation table counts
 
 
 # ---------------------------------------------------------------------------------------------- 2 workers, ZeRO-2

@@ -427,7 +427,8 @@ def step_row(totals: dict[str, float], step: int) -> dict[str, Any]:
            "zero_spread_share": totals["zero_spread_groups"] / max(totals["groups"], 1.0),
            "kl": totals["kl_sum"] / tokens, "pg_loss": totals["pg_sum"] / tokens,
            "clip_frac": totals["clipped_tokens"] / tokens, "entropy": totals["entropy_sum"] / tokens,
-           "rationale_length": totals["rationale_tokens"] / samples, "unclosed_share": totals["unclosed"] / samples}
+           "rationale_length": totals["rationale_tokens"] / samples, "unclosed_share": totals["unclosed"] / samples,
+           "loss_tokens": totals["tokens"]}  # tokens the update trained on, all ranks (the ablation's training tokens)
     for key in sorted(k for k in totals if k.startswith("level")):
         row[f"reward_level{key[5:-4]}"] = totals[key] / samples
     return row
@@ -435,14 +436,15 @@ def step_row(totals: dict[str, float], step: int) -> dict[str, Any]:
 
 def summarise(history: list[dict[str, Any]], heldout: dict[str, Any], timing: dict[str, float]) -> dict[str, Any]:
     """The run's summary: reward of the first / last 10 steps, KL and clip-fraction maxima, held-out before/after,
-    seconds per phase."""
+    seconds per phase, and the tokens trained on (``tokens``, as the other training stages report it)."""
     rewards = [row["reward"] for row in history]
     return {"reward_first10": float(np.mean(rewards[:10])) if rewards else None,
             "reward_last10": float(np.mean(rewards[-10:])) if rewards else None,
             "kl_max": max((row["kl"] for row in history), default=None),
             "clip_frac_max": max((row["clip_frac"] for row in history), default=None),
             "unclosed_share_max": max((row["unclosed_share"] for row in history), default=None),
-            "rewards": rewards, "heldout": heldout, "timing": timing, "steps": len(history)}
+            "rewards": rewards, "heldout": heldout, "timing": timing, "steps": len(history),
+            "tokens": int(sum(row.get("loss_tokens", 0) for row in history))}
 
 
 # ---------------------------------------------------------------------------------------------- held-out users
