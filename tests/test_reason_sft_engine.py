@@ -28,6 +28,9 @@ def test_stage_lr_below_the_runs_scales_min_lr_with_it():
     # The warm-up's lr = 1e-2 > trainer.lr keeps the run's min_lr (min(1e-4, 1e-3) = 1e-4), as before this helper.
     warm = stage_trainer(run, lr=1e-2, max_steps=20)
     assert (warm["lr"], warm["min_lr"], warm["max_steps"]) == (1e-2, 1e-4, 20)
+    # clear: keys set to None (RL has no passes), where a None override means "the run's value".
+    assert stage_trainer({**run, "max_epochs": 4.5}, clear=("max_epochs",), max_epochs=None)["max_epochs"] is None
+    assert stage_trainer({**run, "max_epochs": 4.5}, max_epochs=None)["max_epochs"] == 4.5
     assert run == {"lr": 1e-3, "min_lr": 1e-4, "max_steps": 100}  # not mutated
 
 

@@ -52,7 +52,7 @@ def test_short_ids_count_only_after_an_item_marker():
 def test_empty_and_too_long():
     assert lint("   \n") == "empty"
     assert lint(" ".join(f"w{i}" for i in range(256))) is None  # 256 distinct words (a loop would be repetitive)
-    assert lint(" ".join(["word"] * 257)) == "too_long"
+    assert lint(" ".join(["word"] * 257)) == "too_long"  # a loop, too: too_long is the earlier reason
     # With a tokenizer-like counter (2 tokens per word): 129 words = 258 tokens > 256.
     assert lint(" ".join(["word"] * 129), count=lambda t: 2 * len(t.split())) == "too_long"
 
@@ -66,8 +66,6 @@ def test_looping_generations_are_repetitive():
     assert lint("Persona: likes cameras and Lumora. Next: a Lumora film camera, since lenses came before.") is None
     assert lint("Next: tapes.") is None
     assert lint("perior" * 50, cfg=LintConfig(min_compression=0)) is None  # 0 turns the check off
-    # An over-long loop is counted as too_long (the earlier reason).
-    assert lint(" ".join(["word"] * 257)) == "too_long"
 
 
 def test_counts_split_leaks_from_other_drops():

@@ -553,17 +553,13 @@ def domain_examples(rl: RLConfig, data, splits) -> tuple:
 
 
 def rl_engine_configs(cfg, rl: RLConfig):
-    """trainer / deepspeed configs of the RL run: rl.lr, rl.max_steps x updates, rl.micro_batches accumulation."""
-    from omegaconf import OmegaConf
+    """trainer / deepspeed configs of the RL run: rl.lr, rl.max_steps x updates, rl.micro_batches accumulation; the
+    rollouts are the data, so no passes (max_epochs) and no validation."""
+    from onerec_dist.training.config import stage_engine_configs
 
-    from onerec_dist.training.config import deepspeed_config, stage_trainer, trainer_config
-
-    trainer = stage_trainer(OmegaConf.to_container(cfg.trainer, resolve=True), lr=rl.lr,
-                            max_steps=rl.max_steps * rl.updates_per_rollout, grad_accum_steps=rl.micro_batches,
-                            micro_batch_size=rl.micro_batch_rollouts or rl.rollouts_per_rank, batching="examples",
-                            validate_every=0)
-    trainer["max_epochs"] = None  # the rollouts are the data: no passes
-    return trainer_config(trainer), deepspeed_config(OmegaConf.to_container(cfg.deepspeed, resolve=True))
+    return stage_engine_configs(cfg, clear=("max_epochs",), lr=rl.lr, max_steps=rl.max_steps * rl.updates_per_rollout,
+                                grad_accum_steps=rl.micro_batches, batching="examples", validate_every=0,
+                                micro_batch_size=rl.micro_batch_rollouts or rl.rollouts_per_rank)
 
 
 def run_rl(cfg, output_dir) -> dict[str, Any]:

@@ -85,13 +85,9 @@ def engine_configs(cfg, lr: float | None, max_steps: int | None):
     not validate (its records are training windows with rationales; the alignment's validation decodes without a
     think block), so trainer.validate_every, set for the alignment stages of the same run, is turned off here and
     the export is the last step's model."""
-    from omegaconf import OmegaConf
+    from onerec_dist.training.config import stage_engine_configs
 
-    from onerec_dist.training.config import deepspeed_config, stage_trainer, trainer_config
-
-    trainer = stage_trainer(OmegaConf.to_container(cfg.trainer, resolve=True), lr=lr, max_steps=max_steps,
-                            validate_every=0)
-    return trainer_config(trainer), deepspeed_config(OmegaConf.to_container(cfg.deepspeed, resolve=True))
+    return stage_engine_configs(cfg, lr=lr, max_steps=max_steps, validate_every=0)
 
 
 def rationales_path(rcfg: ReasoningConfig, output_dir: Path) -> Path:

@@ -18,17 +18,13 @@ from onerec_dist.data.splits import load_dataset, make_splits
 from onerec_dist.model_setup import build_recommender, model_config, semantic_ids_for_run
 from onerec_dist.sid.model_ids import save_model_ids
 from onerec_dist.training.align_job import AlignJob, changed_outside_rows
-from onerec_dist.training.config import AlignConfig, align_config, deepspeed_config, stage_trainer, trainer_config
+from onerec_dist.training.config import AlignConfig, align_config, stage_engine_configs
 from onerec_dist.training.shards import write_examples
 
 
 def engine_configs(cfg, settings):
     """trainer / deepspeed configs, with the stage's lr and max_steps replacing trainer.* when set."""
-    from omegaconf import OmegaConf
-
-    trainer = stage_trainer(OmegaConf.to_container(cfg.trainer, resolve=True), lr=settings.lr,
-                            max_steps=settings.max_steps)
-    return trainer_config(trainer), deepspeed_config(OmegaConf.to_container(cfg.deepspeed, resolve=True))
+    return stage_engine_configs(cfg, lr=settings.lr, max_steps=settings.max_steps)
 
 
 def starting_model(cfg, stage: str, output_dir: Path):

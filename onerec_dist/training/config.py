@@ -8,6 +8,7 @@ machines Ray sees (the counts are arguments, so the check is testable without a 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -174,17 +175,29 @@ def deepspeed_config(mapping: Any) -> DeepSpeedConfig:
     return from_mapping(DeepSpeedConfig, mapping, "deepspeed")
 
 
-def stage_trainer(trainer: dict, **overrides: Any) -> dict:
+def stage_trainer(trainer: dict, clear: Sequence[str] = (), **overrides: Any) -> dict:
     """``trainer`` (a plain mapping of trainer.*) with a stage's own settings (align.warmup.lr, reasoning.sft.max_steps,
-    rl.lr, ...) replacing it where they are not None. A stage lr below trainer.lr scales min_lr down with it (the
-    run's min_lr / lr ratio), so rl.lr = 1e-5 under trainer.lr = 1e-3, min_lr = 1e-4 anneals to 1e-6 instead of
-    being refused as min_lr > lr; a higher stage lr (the warm-up's) keeps the run's min_lr."""
+    rl.lr, ...) replacing it where they are not None, and the keys in ``clear`` set to None. A stage lr below
+    trainer.lr scales min_lr down with it (the run's min_lr / lr ratio), so rl.lr = 1e-5 under trainer.lr = 1e-3,
+    min_lr = 1e-4 anneals to 1e-6 instead of being refused as min_lr > lr; a higher stage lr (the warm-up's) keeps
+    the run's min_lr."""
     trainer = dict(trainer)
-    lr = overrides.get("lr")
+    lr, min_lr = overrides.get("lr"), trainer.get("min_lr", 0.0)
     if lr is not None and trainer.get("lr"):
-        trainer["min_lr"] = min(trainer.get("min_lr", 0.0), trainer.get("min_lr", 0.0) * lr / trainer["lr"])
+        trainer["min_lr"] = min(min_lr, min_lr * lr / trainer["lr"])
     trainer.update({key: value for key, value in overrides.items() if value is not None})
+    trainer.update({key: None for key in clear})
     return trainer
+
+
+def stage_engine_configs(cfg, clear: Sequence[str] = (), **overrides: Any) -> tuple[TrainerConfig, DeepSpeedConfig]:
+    """The validated trainer / deepspeed configs of one training stage of the composed run ``cfg``: trainer.* with
+    the stage's settings (``stage_trainer``), deepspeed.* as it is. Every stage on the engine (align, CoT SFT, RL)
+    builds its configs here."""
+    from omegaconf import OmegaConf
+
+    trainer = stage_trainer(OmegaConf.to_container(cfg.trainer, resolve=True), clear, **overrides)
+    return trainer_config(trainer), deepspeed_config(OmegaConf.to_container(cfg.deepspeed, resolve=True))
 
 
 def check_resources(trainer: TrainerConfig, *, gpus: float, cpus: float) -> None:
