@@ -152,6 +152,20 @@ def onerec_command() -> str:
     return str(beside_python) if beside_python.exists() else "onerec"
 
 
+def run_unless_done(label: str, command: list[str], summary: Path,
+                    cwd: Path | None = None) -> tuple[dict, float | None]:
+    """Run ``command`` (an ``onerec`` step writing ``summary``) unless ``summary`` exists: the chained benchmarks
+    (domains_compare, ablation_table) resume after a crash this way. Returns (the summary, seconds if it ran now,
+    else None)."""
+    seconds = None
+    if not summary.is_file():
+        print(f"[{label}] {' '.join(command)}", flush=True)
+        start = time.perf_counter()
+        subprocess.run(command, check=True, cwd=cwd)
+        seconds = time.perf_counter() - start
+    return json.loads(summary.read_text()), seconds
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 

@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from _common import REPO, RESULTS_DIR, device_suffix, onerec_command, start_run
+from _common import REPO, RESULTS_DIR, device_suffix, onerec_command, run_unless_done, start_run
 
 # Parents before children: ia_more takes ia_r's CoT SFT step count, ia_r_rl starts from ia_r.
 ROW_ORDER = ("popular", "sasrec", "base", "tiger", "ia", "ia_r", "ia_r_shuffled", "ia_more", "ia_r_rl")
@@ -32,17 +30,10 @@ ROW_ORDER = ("popular", "sasrec", "base", "tiger", "ia", "ia_r", "ia_r_shuffled"
 
 def run_row(out: Path, experiment: str, row: str, overrides: list[str]) -> tuple[dict, float, bool]:
     """(row summary, wall seconds, ran now) of ``onerec ablation`` for ``row``; an existing summary is reused."""
-    summary = out / row / "summary.json"
-    ran = not summary.is_file()
-    start = time.perf_counter()
-    if ran:
-        command = [onerec_command(), "ablation", f"experiment={experiment}", f"row={row}", f"output_dir={out}",
-                   *overrides]
-        print(f"[ablation_table] {row}: {' '.join(command)}", flush=True)
-        subprocess.run(command, check=True, cwd=REPO)  # data.dir paths are relative to the checkout
-    record = json.loads(summary.read_text())
-    seconds = time.perf_counter() - start if ran else float(record["wall_seconds"])
-    return record, seconds, ran
+    command = [onerec_command(), "ablation", f"experiment={experiment}", f"row={row}", f"output_dir={out}", *overrides]
+    # data.dir paths are relative to the checkout
+    record, seconds = run_unless_done(f"ablation_table {row}", command, out / row / "summary.json", cwd=REPO)
+    return record, seconds if seconds is not None else float(record["wall_seconds"]), seconds is not None
 
 
 def main() -> int:

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 from scipy.stats import binomtest
 
-from _common import RESULTS_DIR, device_suffix, format_table, new_figure, onerec_command, save_figure, start_run
+from _common import (RESULTS_DIR, device_suffix, format_table, new_figure, onerec_command, run_unless_done,
+                     save_figure, start_run)
 
 PIPELINE_STAGES = "[prepare,sid,align_warmup,align_multitask,reason_bootstrap,reason_sft]"
 STUDENTS = ("unify_rft", "unify_distill")
@@ -32,13 +32,8 @@ STUDENTS = ("unify_rft", "unify_distill")
 
 def run_step(out: Path, name: str, args: list[str], overrides: list[str]) -> dict:
     """``onerec <args> output_dir=out/name`` unless out/name/summary.json exists; returns that summary."""
-    target = out / name
-    summary = target / "summary.json"
-    if not summary.is_file():
-        command = [onerec_command(), *args, f"output_dir={target}", *overrides]
-        print(f"[domains_compare] {name}: {' '.join(command)}", flush=True)
-        subprocess.run(command, check=True)
-    return json.loads(summary.read_text())
+    command = [onerec_command(), *args, f"output_dir={out / name}", *overrides]
+    return run_unless_done(f"domains_compare {name}", command, out / name / "summary.json")[0]
 
 
 def interval95(recall: float, users: int) -> list[float]:

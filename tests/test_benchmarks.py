@@ -509,7 +509,7 @@ def test_ablation_table_runs_a_row_once_and_reuses_its_summary(tmp_path, monkeyp
         (tmp_path / "ia").mkdir()
         (tmp_path / "ia" / "summary.json").write_text(json.dumps({"ablation_row": "ia", "wall_seconds": 99.0}))
 
-    monkeypatch.setattr(at.subprocess, "run", fake_run)
+    monkeypatch.setattr(_common.subprocess, "run", fake_run)   # run_unless_done, shared with domains_compare
     record, _, ran = at.run_row(tmp_path, "scientific_ablation", "ia", ["eval.max_users=40"])
     assert ran and record["ablation_row"] == "ia" and len(calls) == 1
     command, cwd = calls[0]
