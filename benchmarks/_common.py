@@ -33,6 +33,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -146,10 +147,13 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def onerec_command() -> str:
-    """The ``onerec`` entry point beside this interpreter (a venv run without its bin/ on PATH), else ``onerec``."""
+def onerec_command() -> list[str]:
+    """argv of the ``onerec`` CLI: the entry point beside this interpreter (a venv run without its bin/ on PATH), else
+    ``onerec`` on PATH, else ``python -m onerec_dist.cli`` (the GPU machine runs the checkout without installing it)."""
     beside_python = Path(sys.executable).parent / "onerec"
-    return str(beside_python) if beside_python.exists() else "onerec"
+    if beside_python.exists():
+        return [str(beside_python)]
+    return ["onerec"] if shutil.which("onerec") else [sys.executable, "-m", "onerec_dist.cli"]
 
 
 def run_unless_done(label: str, command: list[str], summary: Path,

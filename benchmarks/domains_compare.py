@@ -32,7 +32,7 @@ STUDENTS = ("unify_rft", "unify_distill")
 
 def run_step(out: Path, name: str, args: list[str], overrides: list[str]) -> dict:
     """``onerec <args> output_dir=out/name`` unless out/name/summary.json exists; returns that summary."""
-    command = [onerec_command(), *args, f"output_dir={out / name}", *overrides]
+    command = [*onerec_command(), *args, f"output_dir={out / name}", *overrides]
     return run_unless_done(f"domains_compare {name}", command, out / name / "summary.json")[0]
 
 

@@ -6,6 +6,12 @@
 #
 #   benchmarks/gpu_check.sh              # on the GPU machine
 #   benchmarks/gpu_check.sh --dry-run    # every piece at toy size on CPU (< 3 min on 2 idle cores), results to a temp dir
+#   benchmarks/gpu_check.sh --quality    # ONLY the quality check (its own budget, QUALITY_SECONDS = 480): the Beauty
+#       ablation rows popular sasrec base ia ia_r ia_r_rl of conf/experiment/beauty_ablation.yaml, from scratch, into
+#       QUALITY_OUT (default /tmp/quality_beauty; resumable: a rerun skips finished rows) from QUALITY_DATA_DIR (default
+#       ../shared/data/beauty, which does not travel to the device machine: copy it into an ignored folder of the
+#       checkout, carry it and point QUALITY_DATA_DIR there). Writes benchmarks/results/ablation_beauty_ablation_gpu.*
+#   benchmarks/gpu_check.sh --quality --dry-run   # the same rows at toy size on CPU (~5 min on 2 cores)
 #
 # Packages: torch / triton / transformers are expected installed. Others (deepspeed, ray, peft, hydra-core, ...) are
 # installed from a carried wheelhouse .whl/ when present (pip --no-index --target /tmp/site, see
@@ -20,7 +26,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 MODE=gpu
-[[ "${1:-}" == "--dry-run" ]] && MODE=dry
+QUALITY=0
+for arg in "$@"; do
+    case $arg in
+        --dry-run) MODE=dry ;;
+        --quality) QUALITY=1 ;;
+        *) echo "gpu_check: unknown argument $arg (allowed: --dry-run, --quality)"; exit 2 ;;
+    esac
+done
 if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON; elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled \
     PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled
@@ -73,6 +86,20 @@ register rl_step "transformers trl datasets" \
 # ----------------------------------------------------------------------------------------------------------------------
 
 SECONDS_PER_PIECE=${GPU_CHECK_PIECE_TIMEOUT:-$([[ $MODE == dry ]] && echo 150 || echo 240)}
+if [[ $QUALITY == 1 ]]; then  # the quality check alone, with its own budget
+    QUALITY_ROWS="popular sasrec base ia ia_r ia_r_rl"
+    QUALITY_DATA="--set data.dir=${QUALITY_DATA_DIR:-../shared/data/beauty}"
+    # toy size on CPU: one worker, fp32, a few steps and users
+    QUALITY_TOY="trainer.use_gpu=false trainer.precision=fp32 eval.device=cpu eval.sasrec.device=cpu trainer.max_epochs=null
+        align.warmup.max_steps=2 align.multitask.max_steps=3 align.multitask.num_examples=400 reasoning.bootstrap.max_examples=40
+        reasoning.sft.max_steps=2 rl.max_steps=2 rl.group_size=2 rl.prompts_per_rank=1 rl.max_think_tokens=8 rl.beam_width=10
+        eval.max_users=16 eval.batch_size=16 eval.reasoning.max_think_tokens=8 eval.sasrec.max_seconds=5 ablation.num_resamples=100"
+    NAMES=(); MODULES=(); GPU_CMDS=(); DRY_CMDS=()
+    register quality "deepspeed ray hydra omegaconf transformers pyarrow" \
+        "$PY benchmarks/ablation_table.py ${QUALITY_OUT:-/tmp/quality_beauty} --experiment beauty_ablation --device cuda --rows $QUALITY_ROWS $QUALITY_DATA $FLAGS" \
+        "$PY benchmarks/ablation_table.py $DRY_OUT/quality_beauty --experiment beauty_ablation --device cpu --rows $QUALITY_ROWS $QUALITY_DATA $(printf -- '--set %s ' $QUALITY_TOY) $FLAGS --out-dir $DRY_OUT"
+    SECONDS_PER_PIECE=${QUALITY_SECONDS:-$([[ $MODE == dry ]] && echo 900 || echo 480)}
+fi
 STARTED=$(date +%s)
 FAILED=0
 SUMMARY=()

@@ -142,6 +142,52 @@ def test_missing_parent_and_missing_stage_errors(tmp_path):
         row_choice(compose(["row=nope"]))
 
 
+def test_ia_more_trains_with_ia_rs_cot_sft_budget(tmp_path):
+    # The control's extra next-item SFT gets what ia_r's CoT SFT got: its step count (from ia_r's summary), its lr
+    # and its lr warm-up (from the same config), so that ia_r - ia_more measures the rationales, not the schedule.
+    from onerec_dist.ablation.run_row import StageHooks, run_row
+    from onerec_dist.cli import compose
+    from onerec_dist.stages import STAGES
+
+    write_row(tmp_path, "ia", [1, 0])
+    write_row(tmp_path, "ia_r", [1, 1], step_summaries={"reason_sft": {"steps": 7}})
+    seen = {}
+
+    def fake_stage(step, cfg, out):
+        out.mkdir(parents=True)  # as every stage does
+        if step == "align_multitask":
+            seen.update(cfg.align.multitask)
+            return {"export_dir": str(out / "export"), "steps": 7, "tokens": 70}
+        return {"model": {"recall@10": 0.5}, "dataset": "synthetic", "num_users": 2}
+
+    cfg = compose(["reasoning.sft.lr=2e-4", "reasoning.sft.warmup_steps=5", "align.multitask.warmup_steps=40"])
+    summary = run_row(cfg, tmp_path, "ia_more", StageHooks(fake_stage, {}, STAGES))
+    assert (seen["max_steps"], seen["lr"], seen["warmup_steps"]) == (7, 2e-4, 5)
+    assert summary["overrides"]["align.multitask.warmup_steps"] == 5  # recorded with the row
+    assert seen["ratios"] == {"sequential_preference": 1.0}
+
+
+def test_beauty_ablation_is_the_beauty_recipe_step_for_step_on_one_gpu():
+    from omegaconf import OmegaConf
+
+    from onerec_dist.cli import compose
+    from onerec_dist.recipes.grpo import rl_config, rl_engine_configs
+    from onerec_dist.training.config import trainer_config
+
+    cfg, beauty = compose(["experiment=beauty_ablation"]), compose(["experiment=beauty"])
+    trainer = trainer_config(OmegaConf.to_container(cfg.trainer, resolve=True))
+    assert (trainer.use_gpu, trainer.num_workers, trainer.precision) == (True, 1, "bf16")
+    # The CPU recipe's 2 workers x 8,192 tokens per step = one GPU micro-batch of 16,384: the same steps per pass.
+    assert trainer.max_tokens == beauty.trainer.num_workers * beauty.trainer.max_tokens == 16384
+    for key in ("lr", "min_lr", "max_epochs", "warmup_steps", "batching"):
+        assert cfg.trainer[key] == beauty.trainer[key], key
+    assert cfg.align == beauty.align and cfg.data == beauty.data and cfg.model == beauty.model
+    rl = rl_config(OmegaConf.to_container(cfg.rl, resolve=True))
+    assert rl_engine_configs(cfg, rl)[0].warmup_steps == 0 and rl.beam_width == cfg.eval.beam_width
+    assert rl.max_think_tokens == cfg.eval.reasoning.max_think_tokens
+    assert (cfg.eval.device, cfg.eval.sasrec.device, cfg.eval.user_sample) == ("cuda", "cuda", "random")
+
+
 # ---------------------------------------------------------------------------------------------- one real run
 
 DATA = ["data.synthetic.num_users=60", "data.synthetic.num_items=40", "sid.codebook_size=4"]

@@ -427,6 +427,19 @@ def test_gpu_check_registry_is_one_line_per_benchmark():
     assert "--preset qwen3-0.6b --precision bf16 --workers 1 --zero-stages 2" in text  # the training check
 
 
+def test_gpu_check_quality_mode_runs_the_beauty_ablation_rows():
+    import subprocess
+
+    text = (BENCH_DIR / "gpu_check.sh").read_text()
+    # issue 14: rows base / ia / ia_r / ia_r_rl beside SASRec (and most-popular) on Beauty, its own <= 8 min budget
+    assert 'QUALITY_ROWS="popular sasrec base ia ia_r ia_r_rl"' in text
+    assert "--experiment beauty_ablation --device cuda --rows $QUALITY_ROWS" in text
+    assert "QUALITY_SECONDS:-$([[ $MODE == dry ]] && echo 900 || echo 480)" in text
+    result = subprocess.run(["bash", str(BENCH_DIR / "gpu_check.sh"), "--quality", "--bogus"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "unknown argument --bogus" in result.stdout
+
+
 def test_bench_data_extrapolates_only_the_data_dependent_memory():
     import bench_data
 

@@ -35,6 +35,9 @@ class Row:
     # (row, step, key): set config ``key`` to the optimizer steps that ``row``'s ``step`` took (ia_more matches
     # ia_r's CoT SFT step count, so that its gain over ia is "more training", not "reasoning").
     match_steps: tuple[str, str, str] | None = None
+    # (source key, target key): config values the row takes from other keys of the same run (ia_more trains with the
+    # CoT SFT's lr and lr warm-up, not only its step count).
+    copy_keys: tuple[tuple[str, str], ...] = ()
 
 
 ROWS: dict[str, Row] = {row.name: row for row in (
@@ -44,7 +47,9 @@ ROWS: dict[str, Row] = {row.name: row for row in (
         ("sid", "align_warmup", "align_multitask", "eval"), dict(NO_BASELINES), compare_to="base"),
     Row("ia_more", "control: ia + plain next-item SFT for ia_r's CoT SFT step count", "measured", "ia",
         ("align_multitask", "eval"), {**NEXT_ITEM_ONLY, **NO_BASELINES}, compare_to="ia",
-        match_steps=("ia_r", "reason_sft", "align.multitask.max_steps")),
+        match_steps=("ia_r", "reason_sft", "align.multitask.max_steps"),
+        copy_keys=(("reasoning.sft.lr", "align.multitask.lr"),
+                   ("reasoning.sft.warmup_steps", "align.multitask.warmup_steps"))),
     Row("ia_r", "Reasoning Activation: rationale bootstrap + CoT SFT from ia", "measured", "ia",
         ("reason_bootstrap", "reason_sft", "eval"), dict(NO_BASELINES), compare_to="ia"),
     Row("ia_r_shuffled", "control: ia_r with rationales permuted across records", "measured", "ia",

@@ -118,6 +118,7 @@ def run_row(cfg, output_dir: Path, name: str, hooks: StageHooks) -> dict:
     check_steps_exist(row, hooks.names)
     updates = row_overrides(output_dir, row)
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # a private copy the steps may update
+    updates.update({target: OmegaConf.select(cfg, source) for source, target in row.copy_keys})
     with open_dict(cfg):
         for key, value in updates.items():
             OmegaConf.update(cfg, key, value, merge=False)

@@ -81,6 +81,7 @@ def _build(strategy, config: dict[str, Any]):
     cfg: grpo.RLConfig = config["rl"]
     item_codes = torch.as_tensor(config["item_codes"], dtype=torch.long)                     # [I, L]
     engine, reference, tokenizer, think, item_tok = prepare_policy(strategy, config, len(item_codes))
+    strategy.set_schedule_length(strategy.trainer.max_steps)  # rl.max_steps x updates: the whole budget (no passes)
     index = PrefixIndex.build(item_codes, item_tok.codebook_sizes)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     module = getattr(engine, "module", engine)

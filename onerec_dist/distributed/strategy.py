@@ -242,6 +242,12 @@ class DeepSpeedStrategy:
         trainer.max_steps, and a cosine over max_steps would then never anneal). Call before the first step or after
         loading a checkpoint (LambdaLR restores the schedule's fields with its state)."""
         self.lr_schedule.total_steps = total_steps
+        self._warn_about_schedule()
+
+    def _warn_about_schedule(self) -> None:
+        warning = self.lr_schedule.warmup_warning()
+        if warning and self.is_rank0:
+            print(warning, flush=True)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of an already-normalised loss (the worker loop divides by the global token count, so no

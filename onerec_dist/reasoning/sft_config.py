@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from onerec_dist.config import require
-from onerec_dist.training.config import LoraSettings
+from onerec_dist.training.config import LoraSettings, check_stage_warmup
 
 REASON_STAGES = ("bootstrap", "sft")
 
@@ -20,6 +20,7 @@ class SFTConfig:
     trainable: Literal["full", "lora"] = "full"
     lr: float | None = None
     max_steps: int | None = None
+    warmup_steps: int | None = None
     max_length: int = 768
     nothink_ratio: float = 0.3
     shuffle_rationales: bool = False
@@ -36,5 +37,6 @@ class SFTConfig:
         require(self.max_steps is None or self.max_steps >= 1, "reasoning.sft.max_steps",
                 f"must be null or >= 1, got {self.max_steps}")
         require(self.lr is None or self.lr > 0, "reasoning.sft.lr", f"must be null or > 0, got {self.lr}")
+        check_stage_warmup(self.warmup_steps, "reasoning.sft.warmup_steps")
         require(self.think_init_noise >= 0, "reasoning.sft.think_init_noise",
                 f"must be >= 0, got {self.think_init_noise}")

@@ -44,7 +44,7 @@ from onerec_dist.config import require
 from onerec_dist.rl.advantages import ADVANTAGE_ESTIMATORS
 from onerec_dist.rl.losses import LOSS_AGG_MODES, entropy_from_logits, token_logprobs
 from onerec_dist.rl.rewards import MISSING_CODE, REWARDS, compute_reward, level_matches
-from onerec_dist.training.config import LoraSettings
+from onerec_dist.training.config import LoraSettings, check_stage_warmup
 
 RL_TASK = "grpo"  # the one task name of the RL loop's logs
 
@@ -116,6 +116,7 @@ class RLConfig:
     max_prompt_length: int = 512
     max_steps: int = 200
     lr: float = 1.0e-5
+    warmup_steps: int | None = None
     kl_coef: float = 1.0e-3
     clip: float = 0.2
     clip_high: float | None = None
@@ -174,6 +175,7 @@ class RLConfig:
             require(getattr(self, name) >= 1, f"rl.{name}", "must be >= 1")
         require(self.temperature > 0, "rl.temperature", "must be > 0")
         require(self.lr > 0, "rl.lr", "must be > 0")
+        check_stage_warmup(self.warmup_steps, "rl.warmup_steps")
         require(self.kl_coef >= 0, "rl.kl_coef", "must be >= 0 (0 = no KL penalty)")
         require(0 < self.clip < 1, "rl.clip", "must be in (0, 1)")
         require(self.clip_high is None or self.clip_high > 0, "rl.clip_high", "must be null or > 0")
@@ -557,7 +559,10 @@ def rl_engine_configs(cfg, rl: RLConfig):
     rollouts are the data, so no passes (max_epochs) and no validation."""
     from onerec_dist.training.config import stage_engine_configs
 
+    # rl.warmup_steps counts GRPO steps, as rl.max_steps does; the schedule counts optimizer updates.
+    warmup = None if rl.warmup_steps is None else rl.warmup_steps * rl.updates_per_rollout
     return stage_engine_configs(cfg, clear=("max_epochs",), lr=rl.lr, max_steps=rl.max_steps * rl.updates_per_rollout,
+                                warmup_steps=warmup,
                                 grad_accum_steps=rl.micro_batches, batching="examples", validate_every=0,
                                 micro_batch_size=rl.micro_batch_rollouts or rl.rollouts_per_rank)
 

@@ -80,14 +80,14 @@ def run_bootstrap(cfg, output_dir: Path) -> dict:
     return summary
 
 
-def engine_configs(cfg, lr: float | None, max_steps: int | None):
-    """trainer / deepspeed configs, with the SFT's lr and max_steps replacing trainer.* when set. The CoT SFT does
+def engine_configs(cfg, lr: float | None, max_steps: int | None, warmup_steps: int | None = None):
+    """trainer / deepspeed configs, with the SFT's lr, max_steps and warmup_steps replacing trainer.* when set. The CoT SFT does
     not validate (its records are training windows with rationales; the alignment's validation decodes without a
     think block), so trainer.validate_every, set for the alignment stages of the same run, is turned off here and
     the export is the last step's model."""
     from onerec_dist.training.config import stage_engine_configs
 
-    return stage_engine_configs(cfg, lr=lr, max_steps=max_steps, validate_every=0)
+    return stage_engine_configs(cfg, lr=lr, max_steps=max_steps, warmup_steps=warmup_steps, validate_every=0)
 
 
 def rationales_path(rcfg: ReasoningConfig, output_dir: Path) -> Path:
@@ -128,7 +128,7 @@ def run_sft(cfg, output_dir: Path) -> dict:
 
     rcfg, data_cfg = reasoning_section(cfg), data_config(cfg)
     sft = rcfg.sft
-    trainer_cfg, ds_cfg = engine_configs(cfg, sft.lr, sft.max_steps)
+    trainer_cfg, ds_cfg = engine_configs(cfg, sft.lr, sft.max_steps, sft.warmup_steps)
     if sft.trainable == "lora" and ds_cfg.zero_stage == 3:
         raise ValueError("reasoning.sft.trainable=lora contradicts deepspeed.zero_stage=3 (a ZeRO-3-partitioned "
                          "LoRA model cannot be merged for export); use deepspeed.zero_stage=0, 1 or 2 with LoRA")

@@ -23,8 +23,9 @@ from onerec_dist.training.shards import write_examples
 
 
 def engine_configs(cfg, settings):
-    """trainer / deepspeed configs, with the stage's lr and max_steps replacing trainer.* when set."""
-    return stage_engine_configs(cfg, lr=settings.lr, max_steps=settings.max_steps)
+    """trainer / deepspeed configs, with the stage's lr, max_steps and warmup_steps replacing trainer.* when set."""
+    return stage_engine_configs(cfg, lr=settings.lr, max_steps=settings.max_steps,
+                                warmup_steps=settings.warmup_steps)
 
 
 def starting_model(cfg, stage: str, output_dir: Path):

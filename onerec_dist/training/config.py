@@ -175,10 +175,16 @@ def deepspeed_config(mapping: Any) -> DeepSpeedConfig:
     return from_mapping(DeepSpeedConfig, mapping, "deepspeed")
 
 
+def check_stage_warmup(warmup_steps: int | None, name: str) -> None:
+    """A stage's own lr warm-up (``<stage>.warmup_steps``): null (trainer.warmup_steps) or an int >= 0."""
+    require(warmup_steps is None or (isinstance(warmup_steps, int) and warmup_steps >= 0), name,
+            f"must be null (trainer.warmup_steps) or an int >= 0, got {warmup_steps!r}")
+
+
 def stage_trainer(trainer: dict, clear: Sequence[str] = (), **overrides: Any) -> dict:
     """``trainer`` (a plain mapping of trainer.*) with a stage's own settings (align.warmup.lr, reasoning.sft.max_steps,
-    rl.lr, ...) replacing it where they are not None, and the keys in ``clear`` set to None. A stage lr below
-    trainer.lr scales min_lr down with it (the run's min_lr / lr ratio), so rl.lr = 1e-5 under trainer.lr = 1e-3,
+    rl.lr, rl.warmup_steps, ...) replacing it where they are not None, and the keys in ``clear`` set to None. A stage
+    lr below trainer.lr scales min_lr down with it (the run's min_lr / lr ratio), so rl.lr = 1e-5 under trainer.lr = 1e-3,
     min_lr = 1e-4 anneals to 1e-6 instead of being refused as min_lr > lr; a higher stage lr (the warm-up's) keeps
     the run's min_lr."""
     trainer = dict(trainer)
@@ -245,6 +251,7 @@ class LoraSettings:
 class WarmupSettings:
     lr: float | None = 1e-3
     max_steps: int | None = None
+    warmup_steps: int | None = None
     num_examples: int | None = None
 
 
@@ -253,6 +260,7 @@ class MultitaskSettings:
     trainable: Literal["full", "lora"] = "full"
     lr: float | None = None
     max_steps: int | None = None
+    warmup_steps: int | None = None
     num_examples: int | None = None
     ratios: dict = field(default_factory=dict)
     general_text_path: str | None = None
@@ -281,6 +289,8 @@ class AlignConfig:
         require(self.validation_beam >= 10, "align.validation_beam", "must be >= 10 (Recall@10 needs 10 items)")
         require(self.build_processes is None or self.build_processes >= 1, "align.build_processes",
                 f"must be an int >= 1 (1 = serial) or null (min(4, CPU count / 2)), got {self.build_processes!r}")
+        for name, settings in (("warmup", self.warmup), ("multitask", self.multitask)):
+            check_stage_warmup(settings.warmup_steps, f"align.{name}.warmup_steps")
 
 
 def align_config(cfg) -> AlignConfig:

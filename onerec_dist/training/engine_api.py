@@ -221,3 +221,13 @@ class LRSchedule:
         if self.schedule == "linear":
             return 1.0 - (1.0 - self.min_ratio) * progress
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def warmup_warning(self) -> str | None:
+        """A warning when the warm-up outlasts the budget: the lr then never reaches its peak (e.g. 12 RL steps under a
+        run-wide trainer.warmup_steps of 50 train at 2 %..24 % of rl.lr); None otherwise."""
+        if self.warmup_steps <= self.total_steps:
+            return None
+        return (f"warning: the lr warm-up ({self.warmup_steps} steps) is longer than this stage ({self.total_steps} "
+                f"steps), so its lr rises only to {self.total_steps / self.warmup_steps:.0%} of the peak; set the "
+                f"stage's own warmup_steps (align.warmup / align.multitask / reasoning.sft / rl .warmup_steps) or "
+                f"trainer.warmup_steps")
