@@ -90,10 +90,11 @@ if [[ $QUALITY == 1 ]]; then  # the quality check alone, with its own budget
     QUALITY_ROWS="popular sasrec base ia ia_r ia_r_rl"
     QUALITY_DATA="--set data.dir=${QUALITY_DATA_DIR:-../shared/data/beauty}"
     # toy size on CPU: one worker, fp32, a few steps and users
-    QUALITY_TOY="trainer.use_gpu=false trainer.precision=fp32 eval.device=cpu eval.sasrec.device=cpu trainer.max_epochs=null
-        align.warmup.max_steps=2 align.multitask.max_steps=3 align.multitask.num_examples=400 reasoning.bootstrap.max_examples=40
-        reasoning.sft.max_steps=2 rl.max_steps=2 rl.group_size=2 rl.prompts_per_rank=1 rl.max_think_tokens=8 rl.beam_width=10
-        eval.max_users=16 eval.batch_size=16 eval.reasoning.max_think_tokens=8 eval.sasrec.max_seconds=5 ablation.num_resamples=100"
+    QUALITY_TOY="trainer.use_gpu=false trainer.precision=fp32 eval.device=cpu eval.sasrec.device=cpu
+        trainer.max_epochs=null align.warmup.max_steps=2 align.multitask.max_steps=3 align.multitask.num_examples=400
+        reasoning.bootstrap.max_examples=40 reasoning.sft.max_steps=2 rl.max_steps=2 rl.group_size=2
+        rl.prompts_per_rank=1 rl.max_think_tokens=8 rl.beam_width=10 eval.max_users=16 eval.batch_size=16
+        eval.reasoning.max_think_tokens=8 eval.sasrec.max_seconds=5 ablation.num_resamples=100"
     NAMES=(); MODULES=(); GPU_CMDS=(); DRY_CMDS=()
     register quality "deepspeed ray hydra omegaconf transformers pyarrow" \
         "$PY benchmarks/ablation_table.py ${QUALITY_OUT:-/tmp/quality_beauty} --experiment beauty_ablation --device cuda --rows $QUALITY_ROWS $QUALITY_DATA $FLAGS" \

@@ -81,10 +81,10 @@ def run_bootstrap(cfg, output_dir: Path) -> dict:
 
 
 def engine_configs(cfg, lr: float | None, max_steps: int | None, warmup_steps: int | None = None):
-    """trainer / deepspeed configs, with the SFT's lr, max_steps and warmup_steps replacing trainer.* when set. The CoT SFT does
-    not validate (its records are training windows with rationales; the alignment's validation decodes without a
-    think block), so trainer.validate_every, set for the alignment stages of the same run, is turned off here and
-    the export is the last step's model."""
+    """trainer / deepspeed configs, with the SFT's lr, max_steps and warmup_steps replacing trainer.* when set. The
+    CoT SFT does not validate (its records are training windows with rationales; the alignment's validation decodes
+    without a think block), so trainer.validate_every, set for the alignment stages of the same run, is turned off
+    here and the export is the last step's model."""
     from onerec_dist.training.config import stage_engine_configs
 
     return stage_engine_configs(cfg, lr=lr, max_steps=max_steps, warmup_steps=warmup_steps, validate_every=0)

@@ -184,9 +184,9 @@ def check_stage_warmup(warmup_steps: int | None, name: str) -> None:
 def stage_trainer(trainer: dict, clear: Sequence[str] = (), **overrides: Any) -> dict:
     """``trainer`` (a plain mapping of trainer.*) with a stage's own settings (align.warmup.lr, reasoning.sft.max_steps,
     rl.lr, rl.warmup_steps, ...) replacing it where they are not None, and the keys in ``clear`` set to None. A stage
-    lr below trainer.lr scales min_lr down with it (the run's min_lr / lr ratio), so rl.lr = 1e-5 under trainer.lr = 1e-3,
-    min_lr = 1e-4 anneals to 1e-6 instead of being refused as min_lr > lr; a higher stage lr (the warm-up's) keeps
-    the run's min_lr."""
+    lr below trainer.lr scales min_lr down with it (the run's min_lr / lr ratio), so rl.lr = 1e-5 under
+    trainer.lr = 1e-3, min_lr = 1e-4 anneals to 1e-6 instead of being refused as min_lr > lr; a higher stage lr (the
+    warm-up's) keeps the run's min_lr."""
     trainer = dict(trainer)
     lr, min_lr = overrides.get("lr"), trainer.get("min_lr", 0.0)
     if lr is not None and trainer.get("lr"):
