@@ -152,8 +152,9 @@ class LocalStrategy:
         self.optimizer.zero_grad()
 
 
-def run_steps(world, cfg: grpo.RLConfig, steps: int, frozen=(), hook=None):
-    """``steps`` GRPO steps of the loop's grpo_step; returns (strategy, reference, per-step rank stats)."""
+def run_steps(world, cfg: grpo.RLConfig, steps: int, frozen=(), hook=None, strategy_cls=None):
+    """``steps`` GRPO steps of the loop's grpo_step (on ``strategy_cls``, default LocalStrategy); returns
+    (strategy, reference, per-step rank stats)."""
     from onerec_dist.distributed.rl_worker import grpo_step
 
     model, tokenizer, item_tok, think, codes, users = world
@@ -162,7 +163,7 @@ def run_steps(world, cfg: grpo.RLConfig, steps: int, frozen=(), hook=None):
     if hook is not None:
         hook()
     reference = copy.deepcopy(model).eval().requires_grad_(False)
-    strategy = LocalStrategy(model, cfg.lr)
+    strategy = (strategy_cls or LocalStrategy)(model, cfg.lr)
     decoder = ConstrainedDecoder(model, item_tok, PrefixIndex.build(torch.as_tensor(codes), SIZES), cfg.beam_width,
                                  cfg.beam_width)
     sampler = grpo.PromptSampler(len(users), cfg.prompts_per_rank, 0, 1, cfg.seed)
@@ -372,6 +373,8 @@ def test_bad_input_errors():
         grpo.check_policy(tokenizer, ItemTokenizer.from_tokenizer, NUM_ITEMS, grpo.RLConfig(beam_width=21))
     with pytest.raises(ValueError, match="rl.reward: 'nope' is not allowed; allowed values: rollout_beam, "):
         grpo.RLConfig(reward="nope")
+    with pytest.raises(ValueError, match="rl.item_nll_coef"):
+        grpo.RLConfig(item_nll_coef=-0.1)
     bare = build_world(think_tokens=False)
     with pytest.raises(ValueError, match="<think> / </think>"):
         grpo.check_policy(bare[1], ItemTokenizer.from_tokenizer, NUM_ITEMS, cfg)
@@ -444,6 +447,76 @@ def test_heldout_report_and_probe_warning_worked_by_hand():
     assert grpo.probe_warning(report, 0.7) is None
     assert grpo.probe_warning(grpo.heldout_report({k: totals[k] for k in ("users", "hits", "reward_sum",
                                                                           "unclosed")}), 0.7) is None
+
+
+def test_policy_batch_appends_the_target_item_after_the_rationale():
+    world = build_world()
+    think, item_tok = world[3], world[2]
+    rollout = grpo.Rollout(prompts=[[7, 8, think.begin_id], [7, think.begin_id]], bodies=[[20, 21], [22, 23, 24]],
+                           closed=np.array([True, False]), target_codes=torch.tensor([[0, 1, 2], [2, 3, 4]]),
+                           group_size=2)
+    targets = grpo.target_item_ids(item_tok, rollout)                                      # [2, 1 + 3]
+    # <|item_begin|> then code c of level l is token offset_l + c: the decoder's answer after the rationale
+    assert targets.tolist() == [[item_tok.begin_id, *item_tok.encode(torch.tensor(c)).tolist()]
+                                for c in ([0, 1, 2], [2, 3, 4])]
+    batch = grpo.policy_batch(think, rollout, torch.tensor([[0.5, -0.5]]), pad_token_id=0, target_ids=targets)
+    after = list(think.after_ids)
+    # row 0 wrote </think> (an action); row 1 was force-closed, so its </think> is context like the separator
+    row0 = [7, 8, think.begin_id, 20, 21, think.end_id] + after + targets[0].tolist()
+    row1 = [7, think.begin_id, 22, 23, 24, think.end_id] + after + targets[1].tolist()
+    width = max(len(row0), len(row1))
+    assert batch["input_ids"].tolist() == [row0 + [0] * (width - len(row0)), row1 + [0] * (width - len(row1))]
+    # the actions are the same as without the target; the next-item loss sits on the 3 code tokens only
+    assert batch["action_mask"].tolist() == [[0, 0, 0, 1, 1, 1] + [0] * (width - 6),
+                                             [0, 0, 1, 1, 1] + [0] * (width - 5)]
+    assert batch["item_mask"].tolist() == [[0] * (len(row0) - 3) + [1, 1, 1] + [0] * (width - len(row0)),
+                                           [0] * (len(row1) - 3) + [1, 1, 1] + [0] * (width - len(row1))]
+    assert "item_mask" not in grpo.policy_batch(think, rollout, torch.zeros(1, 2), 0)
+
+
+def test_item_nll_sum_is_the_cross_entropy_of_the_code_tokens():
+    # 1 row of 4 tokens [5, 1, 2, 0], code tokens at positions 2 and 3 (item_mask), vocabulary 3:
+    # position 1 predicts token 2 with logits [0, 0, ln 2] -> p = 2/4, -log p = ln 2;
+    # position 2 predicts token 0 with logits [0, 0, 0] -> p = 1/3, -log p = ln 3. Position 0 (token 1) is no code.
+    batch = {"input_ids": torch.tensor([[5, 1, 2, 0]]), "item_mask": torch.tensor([[0, 0, 1, 1]])}
+    logits = torch.tensor([[[9.0, -9.0, 0.0], [0.0, 0.0, math.log(2)], [0.0, 0.0, 0.0]]])        # [1, T-1, 3]
+    total, count = grpo.item_nll_sum(logits, batch)
+    assert count == 2 and float(total) == pytest.approx(math.log(2) + math.log(3))
+
+
+def test_item_nll_coef_adds_the_next_item_gradient(world, monkeypatch):
+    """With every advantage 0 and the actor equal to its reference (step 1), the policy gradient and the k3 KL
+    gradient (1 - exp(logp_ref - logp) = 0) vanish, so the update's gradient is exactly
+    rl.item_nll_coef x d(mean NLL of the target code tokens after each sampled rationale), summed over micro-batches."""
+    from onerec_dist.distributed import rl_worker
+
+    monkeypatch.setattr(rl_worker, "group_advantages", lambda rewards, mode: torch.zeros_like(rewards))
+    coef = 0.5
+    cfg = grpo.RLConfig(group_size=2, beam_width=2, prompts_per_rank=3, max_think_tokens=2, lr=1e-2, max_steps=1,
+                        item_nll_coef=coef, micro_batch_rollouts=4)   # 6 rollouts in micro-batches of 4 + 2
+    model, tokenizer, item_tok, think, codes, users = world
+    expected_model = copy.deepcopy(model)
+    grads = {}
+
+    class Recording(LocalStrategy):
+        def step(self):  # no optimizer step: the gradient accumulates, so the last call holds the whole batch's
+            grads.update({n: p.grad.clone() for n, p in self.engine.named_parameters() if p.grad is not None})
+
+    captured = {}
+    policy_batch = grpo.policy_batch
+    monkeypatch.setattr(grpo, "policy_batch", lambda *a, **k: captured.setdefault("batch", policy_batch(*a, **k)))
+    _, _, history = run_steps(world, cfg, 1, strategy_cls=Recording)
+    stats = history[0][0]
+    batch = captured["batch"]
+    assert stats["item_tokens"] == 6 * 3 == int(batch["item_mask"].sum())                    # 6 rollouts x L = 3
+    # the reference: coef x mean over the 18 code tokens of -log p, by a plain forward pass of the starting model
+    logits = expected_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    nll, count = grpo.item_nll_sum(logits, batch)
+    (coef * nll / count).backward()
+    assert stats["item_nll_sum"] / stats["item_tokens"] == pytest.approx(float(nll) / count, rel=1e-5)
+    for name, param in expected_model.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-6)
+    assert any(float(g.abs().max()) > 0 for g in grads.values())
 
 
 def test_summary_fields():

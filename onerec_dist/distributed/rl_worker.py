@@ -35,6 +35,8 @@ from onerec_dist.rl.losses import grpo_loss
 
 PHASES = ("rollout", "reward", "reference", "update", "sync")
 CHECKPOINTS_DIR = "checkpoints"
+# per-step sums the update phase adds (the rollout's are grpo.rollout_stats)
+UPDATE_STATS = ("tokens", "kl_sum", "pg_sum", "clipped_tokens", "entropy_sum", "item_nll_sum", "item_tokens")
 
 
 def load_policy(model_dir: str, dtype: str):
@@ -134,23 +136,32 @@ def _heldout(strategy, config, think, pad, eval_decoder) -> dict[str, float]:
 
 
 def _update(strategy, engine, cfg: grpo.RLConfig, batch, stats: dict[str, float]) -> None:
-    """``updates_per_rollout`` optimizer steps on the rollout batch; loss / global loss units (token-mean)."""
+    """``updates_per_rollout`` optimizer steps on the rollout batch; loss / global loss units (token-mean), plus
+    rl.item_nll_coef x the next-item loss / global code tokens when the batch carries ``item_mask``."""
     parts = grpo.micro_batches(batch, cfg.micro_batch_rollouts)
+    with_items = "item_mask" in batch
     for _ in range(cfg.updates_per_rollout):
-        local_units = 0
-        losses = []
+        local_units = local_items = 0
         for part in parts:
             mask = part["action_mask"][:, 1:]
-            tokens = int(mask.sum())
-            local_units += tokens if cfg.loss_agg_mode == "token-mean" else int((mask.sum(-1) > 0).sum())
-            losses.append(part)
-        scale = strategy.world_size / max(float(strategy.all_reduce(torch.tensor([float(local_units)]))[0]), 1.0)
-        for part in losses:
-            logp, entropy = grpo.sequence_logprobs(engine, part, cfg.temperature, with_entropy=True)
+            local_units += int(mask.sum()) if cfg.loss_agg_mode == "token-mean" else int((mask.sum(-1) > 0).sum())
+            local_items += int(part["item_mask"][:, 1:].sum()) if with_items else 0
+        units, items = strategy.all_reduce(torch.tensor([float(local_units), float(local_items)])).tolist()
+        # the engine averages gradients over ranks: x world_size makes it a sum over the global batch's units
+        scale, item_scale = strategy.world_size / max(units, 1.0), strategy.world_size / max(items, 1.0)
+        for part in parts:
+            logits = grpo.next_token_logits(engine, part)                                      # [n, T-1, V]
+            logp, entropy = grpo.logprobs_of(logits, part, cfg.temperature, with_entropy=True)
             mask = part["action_mask"][:, 1:]
             out = grpo_loss(logp, part["old_logprobs"], part["ref_logprobs"], part["advantages"], mask,
                             clip_low=cfg.clip, clip_high=cfg.clip_high, kl_coef=cfg.kl_coef, mode=cfg.loss_agg_mode)
-            strategy.backward(out.loss_sum * scale)
+            loss = out.loss_sum * scale
+            if with_items:
+                nll_sum, item_tokens = grpo.item_nll_sum(logits, part)
+                loss = loss + cfg.item_nll_coef * nll_sum * item_scale
+                stats["item_nll_sum"] += float(nll_sum)
+                stats["item_tokens"] += item_tokens
+            strategy.backward(loss)
             strategy.step()
             stats["tokens"] += out.tokens
             stats["kl_sum"] += float(out.kl_sum)
@@ -158,7 +169,7 @@ def _update(strategy, engine, cfg: grpo.RLConfig, batch, stats: dict[str, float]
             stats["clipped_tokens"] += out.clipped_tokens
             stats["entropy_sum"] += float((entropy * mask).sum())
     # statistics of the last update are what a reader wants; earlier updates are divided out
-    for key in ("tokens", "kl_sum", "pg_sum", "clipped_tokens", "entropy_sum"):
+    for key in UPDATE_STATS:
         stats[key] /= cfg.updates_per_rollout
 
 
@@ -192,7 +203,8 @@ def grpo_step(strategy, engine, reference, config, think, pad, decoder, sampler,
     stats = grpo.rollout_stats(rewards, per_level, rollout)
     if cfg.debug.shuffle_rewards:
         rewards = grpo.shuffle_rewards(rewards, seed)
-    batch = grpo.policy_batch(think, rollout, group_advantages(rewards, cfg.advantage), pad)
+    targets = grpo.target_item_ids(decoder.item_tokenizer, rollout) if cfg.item_nll_coef > 0 else None
+    batch = grpo.policy_batch(think, rollout, group_advantages(rewards, cfg.advantage), pad, targets)
     batch = {k: v.to(strategy.device) for k, v in batch.items()}
     mark("reward")
     with torch.no_grad():
@@ -201,7 +213,7 @@ def grpo_step(strategy, engine, reference, config, think, pad, decoder, sampler,
         batch["ref_logprobs"] = torch.cat([grpo.sequence_logprobs(reference, p, cfg.temperature)[0].float()
                                            for p in grpo.micro_batches(batch, cfg.micro_batch_rollouts)])
     mark("reference")
-    stats.update(dict.fromkeys(("tokens", "kl_sum", "pg_sum", "clipped_tokens", "entropy_sum"), 0.0))
+    stats.update(dict.fromkeys(UPDATE_STATS, 0.0))
     _update(strategy, engine, cfg, batch, stats)
     mark("update")
     if actors:

@@ -15,7 +15,9 @@ One GRPO step on rank r (its B prompts; a group's G samples never leave the rank
   5. ``policy_batch``: prompt + rationale (+ </think> when the model wrote it), loss mask on the generated tokens
      only; old log-probs (actor, no grad) and reference log-probs (frozen reference) [N, T-1];
   6. ``grpo_loss`` (onerec_dist.rl.losses): clipped ratio + beta * k3 KL, summed per micro-batch; the loop divides by
-     the loss tokens of the global batch (token-mean, verl's loss_agg_mode) and steps the strategy;
+     the loss tokens of the global batch (token-mean, verl's loss_agg_mode) and steps the strategy; with
+     ``rl.item_nll_coef`` > 0 each row also carries its target item's ID after the rationale (``target_item_ids``)
+     and ``item_nll_sum`` adds coef x the mean next-item NLL of those code tokens (a PPO-ptx-style anchor);
   7. rollout actors only: rank 0 streams the updated weights to them in buckets (LoRA: adapters only), all ranks
      wait, so the next step samples from the new policy (onerec_dist/distributed/rollout_pool.py).
 With one update per rollout batch (as OneRec-Think), old == current weights, so the ratio is 1 at the update and the
@@ -118,6 +120,7 @@ class RLConfig:
     lr: float = 1.0e-5
     warmup_steps: int | None = None
     kl_coef: float = 1.0e-3
+    item_nll_coef: float = 0.0
     clip: float = 0.2
     clip_high: float | None = None
     updates_per_rollout: int = 1
@@ -177,6 +180,7 @@ class RLConfig:
         require(self.lr > 0, "rl.lr", "must be > 0")
         check_stage_warmup(self.warmup_steps, "rl.warmup_steps")
         require(self.kl_coef >= 0, "rl.kl_coef", "must be >= 0 (0 = no KL penalty)")
+        require(self.item_nll_coef >= 0, "rl.item_nll_coef", "must be >= 0 (0 = no next-item term)")
         require(0 < self.clip < 1, "rl.clip", "must be in (0, 1)")
         require(self.clip_high is None or self.clip_high > 0, "rl.clip_high", "must be null or > 0")
         require(self.reward in REWARDS, "rl.reward",
@@ -370,32 +374,71 @@ def shuffle_rewards(rewards: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- policy batch
-def policy_batch(think, rollout: Rollout, advantages: torch.Tensor, pad_token_id: int) -> dict[str, torch.Tensor]:
+def policy_batch(think, rollout: Rollout, advantages: torch.Tensor, pad_token_id: int,
+                 target_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Right-padded prompt + rationale (+ </think> when generated) rows and the mask of the generated tokens.
 
     input_ids / attention_mask / action_mask [N, T]; advantages [N]. The loss sits on the tokens the policy sampled
     (rationale body, and the </think> it wrote); a force-closed row has no </think> action.
+    ``target_ids`` [N, 1 + L] (<|item_begin|> + the target item's L code tokens, ``target_item_ids``) appends the
+    answer the item decoder would be taught after the rationale: (</think> of a force-closed row) + separator +
+    those ids, none of them an action; ``item_mask`` [N, T] is 1 on the L code tokens (rl.item_nll_coef).
     """
-    rows, actions = [], []
-    for prompt, body, closed in zip(rollout.prompts, rollout.bodies, rollout.closed):
+    rows, actions, items = [], [], []
+    for i, (prompt, body, closed) in enumerate(zip(rollout.prompts, rollout.bodies, rollout.closed)):
         generated = list(body) + ([think.end_id] if closed else [])
-        rows.append(list(prompt) + generated)
-        actions.append([0] * len(prompt) + [1] * len(generated))
+        answer, levels = [], 0
+        if target_ids is not None:
+            ids = target_ids[i].tolist()
+            answer = ([] if closed else [think.end_id]) + list(think.after_ids) + ids
+            levels = len(ids) - 1                                                       # the begin token is forced
+        rows.append(list(prompt) + generated + answer)
+        actions.append([0] * len(prompt) + [1] * len(generated) + [0] * len(answer))
+        items.append([0] * (len(rows[-1]) - levels) + [1] * levels)
     width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows])                 # [N, T]
-    attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])          # [N, T]
-    action = torch.tensor([a + [0] * (width - len(a)) for a in actions])                     # [N, T]
-    return {"input_ids": ids, "attention_mask": attention, "action_mask": action,
-            "advantages": advantages.reshape(-1).float()}
+
+    def pad(values: list[list[int]], fill: int) -> torch.Tensor:
+        return torch.tensor([v + [fill] * (width - len(v)) for v in values])                # [N, T]
+
+    batch = {"input_ids": pad(rows, pad_token_id), "attention_mask": pad([[1] * len(r) for r in rows], 0),
+             "action_mask": pad(actions, 0), "advantages": advantages.reshape(-1).float()}
+    if target_ids is not None:
+        batch["item_mask"] = pad(items, 0)
+    return batch
+
+
+def target_item_ids(item_tok, rollout: Rollout) -> torch.Tensor:
+    """[N, 1 + L] <|item_begin|> + the code tokens of each row's target item (the decoder's answer after </think>)."""
+    return item_tok.encode_with_boundaries(rollout.target_codes, validate=False)[:, :-1]
+
+
+def next_token_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[N, T-1, V] the logits that predict tokens 1..T-1 of ``batch["input_ids"]``."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return out.logits[:, :-1]
+
+
+def logprobs_of(logits: torch.Tensor, batch: dict[str, torch.Tensor], temperature: float,
+                with_entropy: bool = False):
+    """log pi(token_t | prefix) [N, T-1] at the sampling temperature from ``next_token_logits``, and the entropy
+    [N, T-1] of the next-token distribution when asked."""
+    logits = logits.float() / temperature                                                    # [N, T-1, V]
+    logp = token_logprobs(logits, batch["input_ids"][:, 1:])                                  # [N, T-1]
+    return (logp, entropy_from_logits(logits.detach())) if with_entropy else (logp, None)
 
 
 def sequence_logprobs(model, batch: dict[str, torch.Tensor], temperature: float, with_entropy: bool = False):
-    """log pi(token_t | prefix) [N, T-1] of every next token (at the sampling temperature), and the entropy
-    [N, T-1] of the next-token distribution when asked."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    logits = out.logits[:, :-1].float() / temperature                                       # [N, T-1, V]
-    logp = token_logprobs(logits, batch["input_ids"][:, 1:])                                  # [N, T-1]
-    return (logp, entropy_from_logits(logits.detach())) if with_entropy else (logp, None)
+    """``logprobs_of`` the model's own forward pass over ``batch``."""
+    return logprobs_of(next_token_logits(model, batch), batch, temperature, with_entropy)
+
+
+def item_nll_sum(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of -log p(code token) at temperature 1 over the ``item_mask`` tokens, their count): the next-item loss
+    of rl.item_nll_coef. Only those M positions go through the log-softmax ([M, V], not [N, T, V])."""
+    positions = batch["item_mask"][:, 1:].bool()                                              # [N, T-1]
+    picked = logits[positions].float()                                                        # [M, V]
+    targets = batch["input_ids"][:, 1:][positions]                                            # [M]
+    return torch.nn.functional.cross_entropy(picked, targets, reduction="sum"), int(positions.sum())
 
 
 def micro_batches(batch: dict[str, torch.Tensor], size: int | None) -> list[dict[str, torch.Tensor]]:
@@ -407,7 +450,7 @@ def micro_batches(batch: dict[str, torch.Tensor], size: int | None) -> list[dict
 
 # ---------------------------------------------------------------------------------------------- step statistics
 STAT_NAMES = ("reward_sum", "samples", "groups", "zero_spread_groups", "tokens", "kl_sum", "pg_sum",
-              "clipped_tokens", "entropy_sum", "rationale_tokens", "unclosed")
+              "clipped_tokens", "entropy_sum", "rationale_tokens", "unclosed", "item_nll_sum", "item_tokens")
 
 
 def rollout_stats(rewards: torch.Tensor, per_level: torch.Tensor, rollout: Rollout) -> dict[str, float]:
@@ -431,6 +474,8 @@ def step_row(totals: dict[str, float], step: int) -> dict[str, Any]:
            "clip_frac": totals["clipped_tokens"] / tokens, "entropy": totals["entropy_sum"] / tokens,
            "rationale_length": totals["rationale_tokens"] / samples, "unclosed_share": totals["unclosed"] / samples,
            "loss_tokens": totals["tokens"]}  # tokens the update trained on, all ranks (the ablation's training tokens)
+    if totals.get("item_tokens"):  # rl.item_nll_coef > 0: the next-item loss per code token
+        row["item_nll"] = totals["item_nll_sum"] / totals["item_tokens"]
     for key in sorted(k for k in totals if k.startswith("level")):
         row[f"reward_level{key[5:-4]}"] = totals[key] / samples
     return row
