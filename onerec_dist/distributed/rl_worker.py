@@ -205,6 +205,8 @@ def grpo_step(strategy, engine, reference, config, think, pad, decoder, sampler,
         rewards = grpo.shuffle_rewards(rewards, seed)
     targets = grpo.target_item_ids(decoder.item_tokenizer, rollout) if cfg.item_nll_coef > 0 else None
     batch = grpo.policy_batch(think, rollout, group_advantages(rewards, cfg.advantage), pad, targets)
+    if targets is not None:  # the (possibly shuffled) rewards pick the rows: the control loses this signal too
+        batch["item_mask"] *= grpo.item_nll_row_mask(rewards, cfg.item_nll_rows).unsqueeze(-1).long()   # [N, T]
     batch = {k: v.to(strategy.device) for k, v in batch.items()}
     mark("reward")
     with torch.no_grad():

@@ -62,6 +62,7 @@ class RLDebugConfig:
 ROLLOUT_BACKENDS = ("colocated", "actors")
 ROLLOUT_ENGINES = ("hf", "vllm")
 TRAINABLE = ("full", "lora")
+ITEM_NLL_ROWS = ("all", "best")  # rollouts whose next-item loss counts (item_nll_row_mask)
 
 
 @dataclass
@@ -121,6 +122,7 @@ class RLConfig:
     warmup_steps: int | None = None
     kl_coef: float = 1.0e-3
     item_nll_coef: float = 0.0
+    item_nll_rows: Literal["all", "best"] = "all"
     clip: float = 0.2
     clip_high: float | None = None
     updates_per_rollout: int = 1
@@ -181,6 +183,8 @@ class RLConfig:
         check_stage_warmup(self.warmup_steps, "rl.warmup_steps")
         require(self.kl_coef >= 0, "rl.kl_coef", "must be >= 0 (0 = no KL penalty)")
         require(self.item_nll_coef >= 0, "rl.item_nll_coef", "must be >= 0 (0 = no next-item term)")
+        require(self.item_nll_rows in ITEM_NLL_ROWS, "rl.item_nll_rows",
+                f"{self.item_nll_rows!r} is not allowed; allowed values: {', '.join(ITEM_NLL_ROWS)}")
         require(0 < self.clip < 1, "rl.clip", "must be in (0, 1)")
         require(self.clip_high is None or self.clip_high > 0, "rl.clip_high", "must be null or > 0")
         require(self.reward in REWARDS, "rl.reward",
@@ -405,6 +409,16 @@ def policy_batch(think, rollout: Rollout, advantages: torch.Tensor, pad_token_id
     if target_ids is not None:
         batch["item_mask"] = pad(items, 0)
     return batch
+
+
+def item_nll_row_mask(rewards: torch.Tensor, rows: str) -> torch.Tensor:
+    """[B*G] bool: the rollouts whose next-item loss counts (rl.item_nll_rows). ``all``: every one; ``best``: those
+    with their group's highest reward, when it is > 0 (the target is taught only after the rationales that decoded
+    closest to it, as rejection-sampling fine-tuning keeps the best samples)."""
+    if rows == "all":
+        return torch.ones(rewards.numel(), dtype=torch.bool)
+    best = rewards.max(dim=1, keepdim=True).values                                            # [B, 1]
+    return ((rewards == best) & (best > 0)).reshape(-1)
 
 
 def target_item_ids(item_tok, rollout: Rollout) -> torch.Tensor:
