@@ -494,6 +494,18 @@ def test_item_nll_rows_best_keeps_each_groups_best_rewarded_rollouts():
         grpo.RLConfig(item_nll_rows="hits")
 
 
+def test_training_pool_is_a_seeded_sample_of_the_training_users():
+    users = build_world()[5]                                                                  # 12 users
+    pool = grpo.training_pool(users, 5, seed=3)
+    rows = [users.prompts.index(p) for p in pool.prompts]
+    # 5 distinct users in their original order, their targets carried along; the same seed draws the same ones
+    assert len(set(rows)) == 5 and rows == sorted(rows) and pool.targets.tolist() == users.targets[rows].tolist()
+    assert grpo.training_pool(users, 5, seed=3).prompts == pool.prompts
+    assert grpo.training_pool(users, None, 0) is users and grpo.training_pool(users, 12, 0) is users
+    with pytest.raises(ValueError, match="rl.train_users"):
+        grpo.RLConfig(train_users=0)
+
+
 def test_reasoning_experiment_runs_the_measured_grpo_recipe():
     from onerec_dist.cli import compose
 

@@ -118,6 +118,7 @@ class RLConfig:
     max_think_tokens: int = 128
     max_prompt_length: int = 512
     max_steps: int = 200
+    train_users: int | None = None
     lr: float = 1.0e-5
     warmup_steps: int | None = None
     kl_coef: float = 1.0e-3
@@ -179,6 +180,8 @@ class RLConfig:
                      "log_every"):
             require(getattr(self, name) >= 1, f"rl.{name}", "must be >= 1")
         require(self.temperature > 0, "rl.temperature", "must be > 0")
+        require(self.train_users is None or self.train_users >= 1, "rl.train_users",
+                "must be null (every training user) or >= 1")
         require(self.lr > 0, "rl.lr", "must be > 0")
         check_stage_warmup(self.warmup_steps, "rl.warmup_steps")
         require(self.kl_coef >= 0, "rl.kl_coef", "must be >= 0 (0 = no KL penalty)")
@@ -592,6 +595,16 @@ def prompt_set(tokenizer, think, item_codes: np.ndarray, examples, max_prompt_le
     return PromptSet(prompts, targets, np.asarray(item_codes)[targets].reshape(count, -1), histories, restriction)
 
 
+def training_pool(train: PromptSet, train_users: int | None, seed: int) -> PromptSet:
+    """``train_users`` of the training prompts, a seeded sample kept in their order (rl.train_users; None = all).
+    A pool of ``max_steps / k`` steps' prompts makes every k-step window one pass over the same users, so
+    reward_first10 and reward_last10 compare the same prompts (with all users they compare different ones)."""
+    if train_users is None or train_users >= len(train):
+        return train
+    keep = np.sort(np.random.default_rng(seed).choice(len(train), train_users, replace=False))
+    return train.take(keep.tolist())
+
+
 def domain_examples(rl: RLConfig, data, splits) -> tuple:
     """(training examples, validation examples or None) of ``rl.domain`` (all domains for null); ValueError when
     rl.beam_width exceeds a trained domain's catalogue."""
@@ -659,7 +672,8 @@ def run_rl(cfg, output_dir) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     think, _ = check_policy(tokenizer, ItemTokenizer.from_tokenizer, len(item_codes), rl)
     train_examples, valid = domain_examples(rl, data, splits)
-    train = prompt_set(tokenizer, think, item_codes, train_examples, rl.max_prompt_length, data=data)
+    train = training_pool(prompt_set(tokenizer, think, item_codes, train_examples, rl.max_prompt_length, data=data),
+                          rl.train_users, rl.seed)
     heldout = prompt_set(tokenizer, think, item_codes, valid, rl.max_prompt_length, rl.heldout_users, data=data) \
         if valid is not None and rl.heldout_users else train.take([])
     print(f"rl: GRPO G={rl.group_size} K={rl.beam_width}, {rl.prompts_per_rank} prompts x {trainer.num_workers} "
