@@ -159,7 +159,7 @@ def _update(strategy, engine, cfg: grpo.RLConfig, batch, stats: dict[str, float]
             if with_items:
                 nll_sum, item_tokens = grpo.item_nll_sum(logits, part)
                 loss = loss + cfg.item_nll_coef * nll_sum * item_scale
-                stats["item_nll_sum"] += float(nll_sum)
+                stats["item_nll_sum"] += float(nll_sum.detach())
                 stats["item_tokens"] += item_tokens
             strategy.backward(loss)
             strategy.step()
