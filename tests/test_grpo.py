@@ -546,7 +546,7 @@ def test_item_nll_coef_adds_the_next_item_gradient(world, monkeypatch):
     logits = expected_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     nll, count = grpo.item_nll_sum(logits, batch)
     (coef * nll / count).backward()
-    assert stats["item_nll_sum"] / stats["item_tokens"] == pytest.approx(float(nll) / count, rel=1e-5)
+    assert stats["item_nll_sum"] / stats["item_tokens"] == pytest.approx(float(nll.detach()) / count, rel=1e-5)
     for name, param in expected_model.named_parameters():
         torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-6)
     assert any(float(g.abs().max()) > 0 for g in grads.values())
