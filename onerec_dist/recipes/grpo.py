@@ -394,14 +394,15 @@ def policy_batch(think, rollout: Rollout, advantages: torch.Tensor, pad_token_id
     rows, actions, items = [], [], []
     for i, (prompt, body, closed) in enumerate(zip(rollout.prompts, rollout.bodies, rollout.closed)):
         generated = list(body) + ([think.end_id] if closed else [])
-        answer, levels = [], 0
+        answer = []
         if target_ids is not None:
             ids = target_ids[i].tolist()
             answer = ([] if closed else [think.end_id]) + list(think.after_ids) + ids
-            levels = len(ids) - 1                                                       # the begin token is forced
         rows.append(list(prompt) + generated + answer)
         actions.append([0] * len(prompt) + [1] * len(generated) + [0] * len(answer))
-        items.append([0] * (len(rows[-1]) - levels) + [1] * levels)
+        if target_ids is not None:  # the L code tokens close the row (<|item_begin|> before them is forced)
+            levels = len(ids) - 1
+            items.append([0] * (len(rows[-1]) - levels) + [1] * levels)
     width = max(len(r) for r in rows)
 
     def pad(values: list[list[int]], fill: int) -> torch.Tensor:
@@ -466,10 +467,6 @@ def micro_batches(batch: dict[str, torch.Tensor], size: int | None) -> list[dict
 
 
 # ---------------------------------------------------------------------------------------------- step statistics
-STAT_NAMES = ("reward_sum", "samples", "groups", "zero_spread_groups", "tokens", "kl_sum", "pg_sum",
-              "clipped_tokens", "entropy_sum", "rationale_tokens", "unclosed", "item_nll_sum", "item_tokens")
-
-
 def rollout_stats(rewards: torch.Tensor, per_level: torch.Tensor, rollout: Rollout) -> dict[str, float]:
     """This rank's sums over its samples (all-reduced by the loop)."""
     spread = rewards.max(dim=1).values - rewards.min(dim=1).values                            # [B]
