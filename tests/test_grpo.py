@@ -494,6 +494,25 @@ def test_item_nll_rows_best_keeps_each_groups_best_rewarded_rollouts():
         grpo.RLConfig(item_nll_rows="hits")
 
 
+def test_item_nll_rows_best_puts_the_code_tokens_of_the_best_rollouts_only_in_the_step(world, monkeypatch):
+    from onerec_dist.distributed import rl_worker
+
+    seen = {}
+    advantages = rl_worker.group_advantages
+    monkeypatch.setattr(rl_worker, "group_advantages",
+                        lambda rewards, mode: advantages(seen.setdefault("rewards", rewards), mode))
+    policy_batch = grpo.policy_batch
+    monkeypatch.setattr(grpo, "policy_batch", lambda *a, **k: seen.setdefault("batch", policy_batch(*a, **k)))
+    cfg = grpo.RLConfig(group_size=4, beam_width=2, prompts_per_rank=3, max_think_tokens=1, lr=1e-2, max_steps=1,
+                        reward="rollout_beam", item_nll_coef=1.0, item_nll_rows="best")
+    stats = run_steps(world, cfg, 1)[2][0][0]
+    chosen = grpo.item_nll_row_mask(seen["rewards"], "best")                                  # [12]
+    assert 0 < int(chosen.sum()) < 12, "every rollout or none is a best one: the test could not fail"
+    # L = 3 code tokens on each chosen row, none elsewhere; the step's item tokens count exactly those
+    assert seen["batch"]["item_mask"].sum(dim=1).tolist() == (3 * chosen.long()).tolist()
+    assert stats["item_tokens"] == 3 * int(chosen.sum())
+
+
 def test_training_pool_is_a_seeded_sample_of_the_training_users():
     users = build_world()[5]                                                                  # 12 users
     pool = grpo.training_pool(users, 5, seed=3)
