@@ -425,11 +425,33 @@ def test_heldout_probe_scores_greedy_nothink_and_sampled(world):
         sums = grpo.heldout_sums(model, decoder, think, users, "rollout_beam", 3, pad, k=4, probe_temperature=1e-4)
         plain = grpo.heldout_sums(model, decoder, think, users, "rollout_beam", 3, pad, k=4)
     assert torch.equal(torch.rand(3), expected_next)
+    assert np.array_equal(sums.pop("user_hits"), plain.pop("user_hits"))
     assert {k: sums[k] for k in plain} == plain                       # the probe adds keys, changes none
     assert (sums["sampled_hits"], sums["sampled_reward_sum"]) == (sums["hits"], sums["reward_sum"])
     no_rationale = users.take(range(len(users)))
     hits, reward = grpo._decode_sums(decoder, think, no_rationale, [[]] * len(users), "rollout_beam", 4)
     assert (sums["nothink_hits"], sums["nothink_reward_sum"]) == (hits, reward)
+
+
+def test_heldout_keeps_hits_per_user_and_the_paired_change_worked_by_hand():
+    # 4 users, hits before [1, 0, 1, 0] and after [1, 1, 1, 0]: users 0, 2, 3 unchanged, user 1 gained, so the
+    # change is (0 + 1 + 0 + 0) / 4 = +0.25; a resample's mean is (number of user-1 draws) / 4, in {0, .25, .5, ..}, so
+    # the interval's ends lie on that grid, low >= 0 (no user lost) and high <= 1.
+    before = grpo.heldout_report({"users": 4.0, "hits": 2.0, "reward_sum": 2.0, "unclosed": 0.0},
+                                 np.array([1.0, 0.0, 1.0, 0.0]))
+    after = grpo.heldout_report({"users": 4.0, "hits": 3.0, "reward_sum": 3.0, "unclosed": 0.0},
+                                np.array([1.0, 1.0, 1.0, 0.0]))
+    assert before["user_hits"] == [1, 0, 1, 0] and before["recall@10"] == 0.5
+    change = grpo.heldout_change({"before": before, "after": after})
+    assert change["mean"] == 0.25 and change["num_users"] == 4
+    low, high = change["ci95"]
+    assert 0.0 <= low <= 0.25 <= high <= 1.0 and (low * 4).is_integer() and (high * 4).is_integer()
+    line = grpo.heldout_line({"heldout": {"before": before, "after": after}, "heldout_change": change})
+    assert line.startswith("held-out think Recall@10 0.5000 -> 0.7500 (4 users), change +0.2500 (95% paired")
+    # no per-user hits (a report of an older run) or no "after": no change, and the line says what it has
+    assert grpo.heldout_change({"before": grpo.heldout_report({"users": 4.0, "hits": 2.0, "reward_sum": 2.0,
+                                                               "unclosed": 0.0}), "after": after}) is None
+    assert grpo.heldout_line({"heldout": {}, "heldout_change": None}) == "no held-out users"
 
 
 def test_heldout_report_and_probe_warning_worked_by_hand():
@@ -607,7 +629,8 @@ def colocated_run(ray_local, world_state, tmp_path_factory):
                             precision="fp32", weight_decay=0.0, checkpoint_every=0, resume="never",
                             wandb={"mode": "disabled"})
     summary = run_on_workers(rl_loop, config, trainer, DeepSpeedConfig(zero_stage=2), root / "colocated")[0]
-    return {"summary": summary, "config": config, "trainer": trainer, "root": root, "model": model, "codes": codes}
+    return {"summary": summary, "config": config, "trainer": trainer, "root": root, "model": model, "codes": codes,
+            "item_tok": item_tok, "think": think, "users": users, "pad": tokenizer.pad_token_id}
 
 
 def _comparable(row):
@@ -627,6 +650,19 @@ def test_two_worker_zero2_run_writes_the_summary(colocated_run):
     # the probe (rl.heldout_probe, on by default): no-rationale and sampled figures beside the greedy ones
     assert set(summary["heldout"]["before"]["nothink"]) == {"recall@10", "reward"}
     assert set(summary["heldout"]["before"]["sampled"]) == {"recall@10", "reward", "rationale_length"}
+    # per-user hits in the held-out users' order although rank r scored users r, r + 2: the starting model's hits,
+    # scored here on one process with the workers' held-out decoder (10 beams), must match "before" user by user
+    from transformers import AutoModelForCausalLM
+
+    codes, item_tok, think, users = (colocated_run[k] for k in ("codes", "item_tok", "think", "users"))
+    model = AutoModelForCausalLM.from_pretrained(colocated_run["root"] / "model").eval()   # what the workers loaded
+    decoder = ConstrainedDecoder(model, item_tok, PrefixIndex.build(torch.as_tensor(codes), SIZES), 10, 10, "full",
+                                 pad_token_id=colocated_run["pad"])
+    with torch.no_grad():
+        single = grpo.heldout_sums(model, decoder, think, users.take(range(4)), "rollout_beam", 2, colocated_run["pad"])
+    assert summary["heldout"]["before"]["user_hits"] == single["user_hits"].astype(int).tolist()
+    assert sum(summary["heldout"]["after"]["user_hits"]) == 4 * summary["heldout"]["after"]["recall@10"]
+    assert summary["heldout_change"]["num_users"] == 4
     assert set(summary["timing"]) == set(PHASES)
     assert Path(summary["checkpoint_dir"]).is_dir() and (Path(summary["export_dir"]) / "config.json").is_file()
     # step 1: actor == reference, so every k3 term is 0; the updates move the actor (lr 1e-2, reward spread)

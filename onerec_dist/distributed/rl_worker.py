@@ -130,9 +130,11 @@ def _heldout(strategy, config, think, pad, eval_decoder) -> dict[str, float]:
         sums = grpo.heldout_sums(module, eval_decoder, think, mine, cfg.reward, cfg.max_think_tokens, pad,
                                  probe_temperature=cfg.temperature if cfg.heldout_probe else None,
                                  seed=cfg.seed + strategy.rank)
+    user_hits = torch.zeros(len(users), dtype=torch.float64)                                 # [U], global order
+    user_hits[strategy.rank::strategy.world_size] = torch.as_tensor(sums.pop("user_hits"))
     names = sorted(sums)
     totals = dict(zip(names, strategy.all_reduce(torch.tensor([sums[n] for n in names])).tolist()))
-    return grpo.heldout_report(totals)
+    return grpo.heldout_report(totals, strategy.all_reduce(user_hits).numpy())
 
 
 def _update(strategy, engine, cfg: grpo.RLConfig, batch, stats: dict[str, float]) -> None:

@@ -496,16 +496,28 @@ def step_row(totals: dict[str, float], step: int) -> dict[str, Any]:
 
 
 def summarise(history: list[dict[str, Any]], heldout: dict[str, Any], timing: dict[str, float]) -> dict[str, Any]:
-    """The run's summary: reward of the first / last 10 steps, KL and clip-fraction maxima, held-out before/after,
-    seconds per phase, and the tokens trained on (``tokens``, as the other training stages report it)."""
+    """The run's summary: reward of the first / last 10 steps, KL and clip-fraction maxima, held-out before/after
+    (and its paired change), seconds per phase, and the tokens trained on (``tokens``, as the other training stages report it)."""
     rewards = [row["reward"] for row in history]
     return {"reward_first10": float(np.mean(rewards[:10])) if rewards else None,
             "reward_last10": float(np.mean(rewards[-10:])) if rewards else None,
             "kl_max": max((row["kl"] for row in history), default=None),
             "clip_frac_max": max((row["clip_frac"] for row in history), default=None),
             "unclosed_share_max": max((row["unclosed_share"] for row in history), default=None),
-            "rewards": rewards, "heldout": heldout, "timing": timing, "steps": len(history),
+            "rewards": rewards, "heldout": heldout, "heldout_change": heldout_change(heldout),
+            "timing": timing, "steps": len(history),
             "tokens": int(sum(row.get("loss_tokens", 0) for row in history))}
+
+
+def heldout_change(heldout: dict[str, Any]) -> dict[str, Any] | None:
+    """Held-out think-mode Recall@10 after minus before on the same users, with the paired bootstrap 95 % interval
+    (users resampled with their before/after pair; onerec_dist/reasoning/think_eval.py); None without both."""
+    from onerec_dist.reasoning.think_eval import paired_bootstrap
+
+    before, after = heldout.get("before", {}), heldout.get("after", {})
+    if not before.get("user_hits") or not after.get("user_hits"):
+        return None
+    return paired_bootstrap(np.asarray(after["user_hits"]), np.asarray(before["user_hits"]))
 
 
 # ---------------------------------------------------------------------------------------------- held-out users
@@ -522,8 +534,9 @@ def heldout_sums(model, decoder, think, users: PromptSet, reward: str, max_think
     if len(users) == 0:
         return {"users": 0.0, "hits": 0.0, "reward_sum": 0.0, "unclosed": 0.0}
     bodies, closed = generate_rationales(model, think, users.prompts, max_think_tokens, pad_token_id)
-    hits, rewards = _decode_sums(decoder, think, users, bodies, reward, k)
-    out = {"users": float(len(users)), "hits": hits, "reward_sum": rewards, "unclosed": float((~closed).sum())}
+    user_hits, rewards = _decode_sums(decoder, think, users, bodies, reward, k, per_user=True)
+    out = {"users": float(len(users)), "hits": float(user_hits.sum()), "reward_sum": rewards,
+           "unclosed": float((~closed).sum()), "user_hits": user_hits}
     if probe_temperature is not None:
         out["nothink_hits"], out["nothink_reward_sum"] = _decode_sums(decoder, think, users, [[]] * len(users),
                                                                       reward, k)
@@ -535,9 +548,10 @@ def heldout_sums(model, decoder, think, users: PromptSet, reward: str, max_think
     return out
 
 
-def _decode_sums(decoder, think, users: PromptSet, bodies: list[list[int]], reward: str, k: int
-                 ) -> tuple[float, float]:
-    """(hits@k, reward sum) of ``users`` after the rationale ``bodies`` (closed by </think>)."""
+def _decode_sums(decoder, think, users: PromptSet, bodies: list[list[int]], reward: str, k: int,
+                 per_user: bool = False) -> tuple[Any, float]:
+    """(hits@k, reward sum) of ``users`` after the rationale ``bodies`` (closed by </think>); ``per_user``: the
+    hits as a [U] 0/1 array instead of their sum."""
     from onerec_dist.reasoning.cot_format import close_think
 
     result = decoder.decode([close_think(think, p, b) for p, b in zip(users.prompts, bodies)],
@@ -546,15 +560,18 @@ def _decode_sums(decoder, think, users: PromptSet, bodies: list[list[int]], rewa
     hits = (items[:, :k] == torch.as_tensor(users.targets).unsqueeze(1)).any(dim=1)         # [U]
     beams = result.codes.cpu().masked_fill((items < 0).unsqueeze(-1), MISSING_CODE)         # [U, K, L]
     rewards = compute_reward(reward, beams, torch.as_tensor(users.target_codes, dtype=torch.long))
-    return float(hits.sum()), float(rewards.sum())
+    return (hits.numpy().astype(np.float64) if per_user else float(hits.sum())), float(rewards.sum())
 
 
-def heldout_report(totals: dict[str, float]) -> dict[str, Any]:
+def heldout_report(totals: dict[str, float], user_hits: np.ndarray | None = None) -> dict[str, Any]:
     """The held-out entry of the summary from all-reduced ``heldout_sums``; with the probe, ``nothink`` and
-    ``sampled`` beside the greedy think-mode figures."""
+    ``sampled`` beside the greedy think-mode figures. ``user_hits`` [U] (0/1 in the held-out users' order) is kept
+    so that two reports on the same users give a paired interval (``heldout_change``)."""
     n = max(totals["users"], 1.0)
     report: dict[str, Any] = {"users": int(totals["users"]), "recall@10": totals["hits"] / n,
                               "reward": totals["reward_sum"] / n, "unclosed_share": totals["unclosed"] / n}
+    if user_hits is not None:
+        report["user_hits"] = [int(h) for h in user_hits]
     if "nothink_hits" in totals:
         report["nothink"] = {"recall@10": totals["nothink_hits"] / n, "reward": totals["nothink_reward_sum"] / n}
         report["sampled"] = {"recall@10": totals["sampled_hits"] / n, "reward": totals["sampled_reward_sum"] / n,
@@ -691,5 +708,18 @@ def run_rl(cfg, output_dir) -> dict[str, Any]:
                     "train_examples": len(train), "domains": list(data.domain_names)})
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"rl: reward {summary['reward_first10']:.4f} (first 10 steps) -> {summary['reward_last10']:.4f} "
-          f"(last 10); kl_max {summary['kl_max']:.3g}; held-out {summary['heldout']}", flush=True)
+          f"(last 10); kl_max {summary['kl_max']:.3g}; {heldout_line(summary)}", flush=True)
     return summary
+
+
+def heldout_line(summary: dict[str, Any]) -> str:
+    """The held-out part of the run's last line: think-mode Recall@10 before -> after and the paired interval."""
+    heldout, change = summary["heldout"], summary.get("heldout_change")
+    if "before" not in heldout or "after" not in heldout:
+        return "no held-out users"
+    line = (f"held-out think Recall@10 {heldout['before']['recall@10']:.4f} -> {heldout['after']['recall@10']:.4f} "
+            f"({heldout['after']['users']} users)")
+    if change is not None:
+        low, high = change["ci95"]
+        line += f", change {change['mean']:+.4f} (95% paired bootstrap [{low:+.4f}, {high:+.4f}])"
+    return line
