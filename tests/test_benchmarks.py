@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -534,3 +535,60 @@ def test_ablation_table_runs_a_row_once_and_reuses_its_summary(tmp_path, monkeyp
     order = at.ROW_ORDER
     assert order.index("ia") < order.index("ia_r") < order.index("ia_more")
     assert order.index("ia_r") < order.index("ia_r_rl")
+
+
+def _rl_summary(rewards, before_hits, after_hits):
+    """An ``onerec rl`` summary with what benchmarks/rl_control.py reads."""
+    from onerec_dist.recipes import grpo
+
+    heldout = {when: {"recall@10": float(np.mean(h)), "user_hits": h} for when, h in
+               (("before", before_hits), ("after", after_hits))}
+    return {"reward_first10": float(np.mean(rewards[:10])), "reward_last10": float(np.mean(rewards[-10:])),
+            "rewards": rewards, "kl_max": 0.01, "steps": len(rewards), "export_dir": "e", "heldout": heldout,
+            "heldout_change": grpo.heldout_change(heldout)}
+
+
+def test_rl_control_windows_pairs_and_commands(tmp_path, monkeypatch):
+    """benchmarks/rl_control.py. 25 steps with rewards 0.1 x (step // 10): windows of 10 have means 0.0 and 0.1 (the
+    last 5 steps are a partial window, dropped); reward_first10 = 0.0, reward_last10 = mean(0.1 x 5, 0.2 x 5) = 0.15.
+    The control's rewards stay 0.3: rise 0, so real - control = 0.15. Held-out after, real [1, 1, 0, 0] vs control
+    [1, 0, 0, 0]: +0.25 user by user. Each seed runs the real run, then its control (shuffle_rewards=true)."""
+    import rl_control as rc
+
+    real_rewards = [0.1 * (step // 10) for step in range(25)]
+    assert rc.window_means(real_rewards) == pytest.approx([0.0, 0.1])
+    real = _rl_summary(real_rewards, [1, 0, 1, 0], [1, 1, 0, 0])
+    control = _rl_summary([0.3] * 25, [1, 0, 1, 0], [1, 0, 0, 0])
+    record = rc.run_record(real)
+    assert record["rise"] == pytest.approx(0.15) and record["heldout_before"] == 0.5
+    assert record["heldout_change"]["mean"] == 0.0                    # user 1 gained, user 2 lost
+    pair = rc.pair_record(real, control)
+    assert pair["rise_control"] == pytest.approx(0.0) and pair["rise_real_minus_control"] == pytest.approx(0.15)
+    assert pair["heldout_after_real_minus_control"]["mean"] == 0.25
+
+    commands, real_run = [], _common.subprocess.run
+
+    def fake_run(command, *args, **kwargs):   # `onerec rl` leaves its summary in output_dir; git, uname (provenance) run
+        if "rl" not in command:
+            return real_run(command, *args, **kwargs)
+        commands.append(command)
+        out = Path(command[-1].split("=", 1)[1])
+        out.mkdir(parents=True)
+        body = control if "rl.debug.shuffle_rewards=true" in command else real
+        (out / "summary.json").write_text(json.dumps(body))
+
+    monkeypatch.setattr(_common.subprocess, "run", fake_run)
+    monkeypatch.setattr(rc, "RESULTS_DIR", tmp_path / "results")
+    (tmp_path / "results").mkdir()
+    assert rc.main([str(tmp_path / "runs"), "--sft", "SFT", "--seeds", "0", "1", "--set", "rl.max_steps=25",
+                    "--allow-dirty"]) == 0
+    assert [c[c.index("rl") + 1:][-4:] for c in commands][:2] == [
+        ["rl.seed=0", "rl.debug.shuffle_rewards=false", "rl.max_steps=25", f"output_dir={tmp_path}/runs/reasoning_seed0"],
+        ["rl.seed=0", "rl.debug.shuffle_rewards=true", "rl.max_steps=25",
+         f"output_dir={tmp_path}/runs/reasoning_shuffled_seed0"]]
+    assert all("model.name_or_path=SFT" in c and "experiment=reasoning" in c for c in commands) and len(commands) == 4
+    report = json.loads((tmp_path / "results" / "rl_control_reasoning_cpu.json").read_text())
+    assert report["overall"]["rise_real_mean"] == pytest.approx(0.15) and report["overall"]["rise_control_sd"] == 0.0
+    assert (tmp_path / "results" / "rl_control_reasoning_cpu.png").is_file() and "provenance" in report
+    rc.main([str(tmp_path / "runs"), "--sft", "SFT", "--seeds", "0", "1", "--allow-dirty"])
+    assert len(commands) == 4                                          # every summary exists: nothing runs again
