@@ -550,10 +550,12 @@ def test_training_pool_is_a_seeded_sample_of_the_training_users():
 def test_reasoning_experiment_runs_the_measured_grpo_recipe():
     from onerec_dist.cli import compose
 
-    # README "What we measured": hit reward at T = 0.3, next-item loss on each group's best rollouts (the one variant
-    # whose held-out recall rose, .461 -> .480, and fell with shuffled rewards); the defaults stay the paper's
+    # README "What we measured": the paper's objective (no next-item loss) with the hit reward at T = 0.5, G = 8 and
+    # KL 0.2, on a pool of training users that is exactly 10 steps' prompts with 2 workers (4 x 2 x 10 = 80), so
+    # reward_first10 and reward_last10 are each one whole pass over the same users (40 steps = 4 passes)
     rl = grpo.rl_config(OmegaConf.to_container(compose(["experiment=reasoning"]).rl, resolve=True))
-    assert (rl.reward, rl.temperature, rl.item_nll_coef, rl.item_nll_rows) == ("hit", 0.3, 1.0, "best")
+    assert (rl.reward, rl.temperature, rl.group_size, rl.kl_coef, rl.item_nll_coef) == ("hit", 0.5, 8, 0.2, 0.0)
+    assert rl.train_users == rl.prompts_per_rank * 2 * 10 and rl.max_steps % 10 == 0
     default = grpo.rl_config(OmegaConf.to_container(compose([]).rl, resolve=True))
     assert (default.reward, default.temperature, default.item_nll_coef) == ("rollout_beam", 1.0, 0.0)
 
