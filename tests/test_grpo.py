@@ -425,7 +425,9 @@ def test_heldout_probe_scores_greedy_nothink_and_sampled(world):
         sums = grpo.heldout_sums(model, decoder, think, users, "rollout_beam", 3, pad, k=4, probe_temperature=1e-4)
         plain = grpo.heldout_sums(model, decoder, think, users, "rollout_beam", 3, pad, k=4)
     assert torch.equal(torch.rand(3), expected_next)
-    assert np.array_equal(sums.pop("user_hits"), plain.pop("user_hits"))
+    assert np.array_equal(sums.pop("user_hits"), plain["user_hits"]) and plain.pop("user_hits").sum() == plain["hits"]
+    # a rank without held-out users (fewer users than ranks) still hands its [0] hits to the all-reduce
+    assert grpo.heldout_sums(model, decoder, think, users.take([]), "rollout_beam", 3, pad)["user_hits"].shape == (0,)
     assert {k: sums[k] for k in plain} == plain                       # the probe adds keys, changes none
     assert (sums["sampled_hits"], sums["sampled_reward_sum"]) == (sums["hits"], sums["reward_sum"])
     no_rationale = users.take(range(len(users)))

@@ -497,7 +497,8 @@ def step_row(totals: dict[str, float], step: int) -> dict[str, Any]:
 
 def summarise(history: list[dict[str, Any]], heldout: dict[str, Any], timing: dict[str, float]) -> dict[str, Any]:
     """The run's summary: reward of the first / last 10 steps, KL and clip-fraction maxima, held-out before/after
-    (and its paired change), seconds per phase, and the tokens trained on (``tokens``, as the other training stages report it)."""
+    and its paired change, seconds per phase, and the tokens trained on (``tokens``, as the other training stages
+    report it)."""
     rewards = [row["reward"] for row in history]
     return {"reward_first10": float(np.mean(rewards[:10])) if rewards else None,
             "reward_last10": float(np.mean(rewards[-10:])) if rewards else None,
@@ -522,8 +523,9 @@ def heldout_change(heldout: dict[str, Any]) -> dict[str, Any] | None:
 
 # ---------------------------------------------------------------------------------------------- held-out users
 def heldout_sums(model, decoder, think, users: PromptSet, reward: str, max_think_tokens: int, pad_token_id: int,
-                 k: int = 10, probe_temperature: float | None = None, seed: int = 0) -> dict[str, float]:
-    """Think-mode evaluation sums of ``users``: greedy rationale -> constrained decode -> hit@k and reward.
+                 k: int = 10, probe_temperature: float | None = None, seed: int = 0) -> dict[str, Any]:
+    """Think-mode evaluation sums of ``users``: greedy rationale -> constrained decode -> hit@k and reward; also
+    ``user_hits``, the [U] 0/1 hits themselves (for a paired before/after interval).
 
     ``probe_temperature`` also scores the same users with an empty think block (``nothink_*``) and with one rationale
     sampled at that temperature (``sampled_*``, as the rollouts sample them): when sampled rationales score below
@@ -532,7 +534,7 @@ def heldout_sums(model, decoder, think, users: PromptSet, reward: str, max_think
     from onerec_dist.reasoning.think_eval import generate_rationales
 
     if len(users) == 0:
-        return {"users": 0.0, "hits": 0.0, "reward_sum": 0.0, "unclosed": 0.0}
+        return {"users": 0.0, "hits": 0.0, "reward_sum": 0.0, "unclosed": 0.0, "user_hits": np.zeros(0)}
     bodies, closed = generate_rationales(model, think, users.prompts, max_think_tokens, pad_token_id)
     user_hits, rewards = _decode_sums(decoder, think, users, bodies, reward, k, per_user=True)
     out = {"users": float(len(users)), "hits": float(user_hits.sum()), "reward_sum": rewards,
