@@ -42,7 +42,7 @@ def run_record(summary: dict) -> dict:
     record = {"reward_first10": summary["reward_first10"], "reward_last10": summary["reward_last10"],
               "rise": summary["reward_last10"] - summary["reward_first10"], "kl_max": summary["kl_max"],
               "window_means": window_means(summary["rewards"]), "steps": summary["steps"],
-              "export_dir": summary.get("export_dir"), "heldout_change": change}
+              "export_dir": summary.get("export_dir"), "heldout_change": change, "seconds": summary.get("seconds")}
     for when in ("before", "after"):
         if when in heldout:
             record[f"heldout_{when}"] = heldout[when]["recall@10"]
@@ -68,10 +68,12 @@ def plot(records: dict[str, dict], path: Path) -> Path:
     """Left: mean reward per 10-step window, real runs solid and controls dashed. Right: held-out change with its
     paired 95 % interval per run."""
     fig, (left, right) = new_figure(2)
-    for name, record in records.items():
+    seeds = sorted({name.rsplit("_seed", 1)[1] for name in records})
+    for name, record in records.items():   # one colour per seed: the real run solid, its control dashed
         means = record["window_means"]
-        left.plot(range(1, len(means) + 1), means, marker="o", linestyle="--" if "shuffled" in name else "-",
-                  label=name)
+        left.plot(range(1, len(means) + 1), means, marker="o", linestyle="--" if "_shuffled_" in name else "-",
+                  color=f"C{seeds.index(name.rsplit('_seed', 1)[1]) % 10}", label=name)
+    left.set_xticks(range(1, max(len(r["window_means"]) for r in records.values()) + 1))
     left.set_xlabel(f"{WINDOW}-step window")
     left.set_ylabel("mean step reward")
     left.set_title("step reward: real vs shuffled-reward control")
