@@ -621,6 +621,23 @@ def training_pool(train: PromptSet, train_users: int | None, seed: int) -> Promp
     return train.take(keep.tolist())
 
 
+def window_warning(pool_users: int, users_per_step: int, max_steps: int, window: int = 10) -> str | None:
+    """A warning when reward_first10 and reward_last10 do not cover the same users, else None. PromptSampler's epoch
+    is ``pool // per_step`` steps (users past the last whole step sit that epoch out), so the two windows hold the same
+    users when no user sits out, each window is whole epochs, and the last one starts on an epoch boundary."""
+    steps_per_epoch = max(pool_users // users_per_step, 1)
+    if max_steps < window:
+        return None  # both "windows" are the whole run
+    if (pool_users % users_per_step == 0 and window % steps_per_epoch == 0
+            and (max_steps - window) % steps_per_epoch == 0):
+        return None
+    return (f"rl: warning: {pool_users} training users at {users_per_step} per step (rl.prompts_per_rank x workers) "
+            f"make an epoch of {pool_users / users_per_step:g} steps, so the first and last {window} steps of "
+            f"{max_steps} see different users and reward_first10 / reward_last10 mix learning with the users' "
+            f"difficulty; to compare like with like, set rl.train_users to {users_per_step} x d with d dividing "
+            f"{window} (e.g. {window * users_per_step}) and rl.max_steps to {window} + a multiple of d")
+
+
 def domain_examples(rl: RLConfig, data, splits) -> tuple:
     """(training examples, validation examples or None) of ``rl.domain`` (all domains for null); ValueError when
     rl.beam_width exceeds a trained domain's catalogue."""
@@ -692,6 +709,11 @@ def run_rl(cfg, output_dir) -> dict[str, Any]:
                           rl.train_users, rl.seed)
     heldout = prompt_set(tokenizer, think, item_codes, valid, rl.max_prompt_length, rl.heldout_users, data=data) \
         if valid is not None and rl.heldout_users else train.take([])
+    # a pool of training users is there to compare the two windows (conf/rl/default.yaml): say when they cannot
+    warning = window_warning(len(train), rl.prompts_per_rank * trainer.num_workers, rl.max_steps) \
+        if rl.train_users is not None else None
+    if warning:
+        print(warning, flush=True)
     print(f"rl: GRPO G={rl.group_size} K={rl.beam_width}, {rl.prompts_per_rank} prompts x {trainer.num_workers} "
           f"worker(s), ZeRO-{ds.zero_stage}, {rl.trainable}, {rl.max_steps} steps, reward {rl.reward}"
           + (", rewards shuffled (control)" if rl.debug.shuffle_rewards else "")
