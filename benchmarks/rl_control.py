@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from onerec_dist.reasoning.think_eval import paired_bootstrap
+
 from _common import RESULTS_DIR, device_suffix, new_figure, onerec_command, run_unless_done, save_figure, start_run
 
 PIPELINE_STAGES = "[prepare,sid,align_warmup,align_multitask,reason_bootstrap,reason_sft]"
@@ -52,9 +54,6 @@ def run_record(summary: dict) -> dict:
 def pair_record(real: dict, control: dict) -> dict:
     """The real run against its shuffled control (same seed, prompts and held-out users): rise difference, and the
     held-out hits after training compared user by user (real - control, paired bootstrap 95 % interval)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from onerec_dist.reasoning.think_eval import paired_bootstrap
-
     out = {"rise_real": real["reward_last10"] - real["reward_first10"],
            "rise_control": control["reward_last10"] - control["reward_first10"]}
     out["rise_real_minus_control"] = out["rise_real"] - out["rise_control"]
