@@ -553,7 +553,7 @@ def test_reasoning_experiment_runs_the_measured_grpo_recipe():
     from onerec_dist.cli import compose
 
     # README "What we measured": the paper's objective (no next-item loss) with the hit reward at T = 0.5, G = 8 and
-    # KL 0.2, on a pool of training users that is exactly 10 steps' prompts with 2 workers (4 x 2 x 10 = 80), so
+    # KL 0.2, on a pool of training users that is exactly 10 steps' prompts with 2 workers (8 x 2 x 10 = 160), so
     # reward_first10 and reward_last10 are each one whole pass over the same users (40 steps = 4 passes)
     rl = grpo.rl_config(OmegaConf.to_container(compose(["experiment=reasoning"]).rl, resolve=True))
     assert (rl.reward, rl.temperature, rl.group_size, rl.kl_coef, rl.item_nll_coef) == ("hit", 0.5, 8, 0.2, 0.0)
