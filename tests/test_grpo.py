@@ -795,15 +795,15 @@ def test_lora_run_on_rollout_actors_syncs_adapters_only_and_exports_the_merged_m
 
 def test_window_warning_says_when_the_reward_windows_see_different_users():
     # 80 users at 8 per step: an epoch is 10 steps, so steps 1-10 and 31-40 are whole passes over all 80 users
-    assert grpo.window_warning(80, 8, 40) is None
+    assert grpo.window_warning(80, 4, 2, 40) is None
     # 40 users: an epoch of 5 steps; each window is 2 passes; the last window (steps 26-35) starts at epoch 5's start
-    assert grpo.window_warning(40, 8, 35) is None
+    assert grpo.window_warning(40, 4, 2, 35) is None
     # ... but over 33 steps the last window (steps 24-33) starts mid-epoch (23 = 4 x 5 + 3)
-    assert "first and last 10 steps of 33 see different users" in grpo.window_warning(40, 8, 33)
+    assert "first and last 10 steps of 33 see different users" in grpo.window_warning(40, 4, 2, 33)
     # 80 users at 16 per step (4 workers): an epoch of 5 steps, fine; 80 at 6 per step: 13 steps, 2 users sit out
-    assert grpo.window_warning(80, 16, 40) is None
-    message = grpo.window_warning(80, 6, 40)
+    assert grpo.window_warning(80, 4, 4, 40) is None
+    message = grpo.window_warning(80, 3, 2, 40)
     assert "an epoch of 13.3333 steps" in message and "rl.train_users to 6 x d with d dividing 10 (e.g. 60)" in message
     # 32 users at 8 per step: 4 steps per epoch, and 10 steps are not whole epochs
-    assert grpo.window_warning(32, 8, 40) is not None
-    assert grpo.window_warning(80, 8, 5) is None                   # shorter than a window: both are the whole run
+    assert grpo.window_warning(32, 4, 2, 40) is not None
+    assert grpo.window_warning(80, 4, 2, 5) is None                   # shorter than a window: both are the whole run

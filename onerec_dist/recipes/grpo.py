@@ -36,6 +36,7 @@ users, held-out users of that domain; null trains on all domains mixed (the join
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -621,21 +622,24 @@ def training_pool(train: PromptSet, train_users: int | None, seed: int) -> Promp
     return train.take(keep.tolist())
 
 
-def window_warning(pool_users: int, users_per_step: int, max_steps: int, window: int = 10) -> str | None:
-    """A warning when reward_first10 and reward_last10 do not cover the same users, else None. PromptSampler's epoch
-    is ``pool // per_step`` steps (users past the last whole step sit that epoch out), so the two windows hold the same
-    users when no user sits out, each window is whole epochs, and the last one starts on an epoch boundary."""
-    steps_per_epoch = max(pool_users // users_per_step, 1)
+def window_warning(pool_users: int, per_rank: int, world_size: int, max_steps: int, seed: int = 0,
+                   window: int = 10) -> str | None:
+    """A warning when reward_first10 and reward_last10 do not score the same users the same number of times, else
+    None. The windows are read off PromptSampler itself (every rank's rows of each step), so the check follows its
+    epochs (``pool // per step`` steps; users past the last whole step sit that epoch out) without restating them."""
     if max_steps < window:
         return None  # both "windows" are the whole run
-    if (pool_users % users_per_step == 0 and window % steps_per_epoch == 0
-            and (max_steps - window) % steps_per_epoch == 0):
+    samplers = [PromptSampler(pool_users, per_rank, rank, world_size, seed) for rank in range(world_size)]
+    steps = [[row for sampler in samplers for row in sampler.next_rows()] for _ in range(max_steps)]
+    first, last = (Counter(row for step in part for row in step) for part in (steps[:window], steps[-window:]))
+    if first == last:
         return None
-    return (f"rl: warning: {pool_users} training users at {users_per_step} per step (rl.prompts_per_rank x workers) "
-            f"make an epoch of {pool_users / users_per_step:g} steps, so the first and last {window} steps of "
+    per_step = per_rank * world_size
+    return (f"rl: warning: {pool_users} training users at {per_step} per step (rl.prompts_per_rank x workers) "
+            f"make an epoch of {pool_users / per_step:g} steps, so the first and last {window} steps of "
             f"{max_steps} see different users and reward_first10 / reward_last10 mix learning with the users' "
-            f"difficulty; to compare like with like, set rl.train_users to {users_per_step} x d with d dividing "
-            f"{window} (e.g. {window * users_per_step}) and rl.max_steps to {window} + a multiple of d")
+            f"difficulty; to compare like with like, set rl.train_users to {per_step} x d with d dividing "
+            f"{window} (e.g. {window * per_step}) and rl.max_steps to {window} + a multiple of d")
 
 
 def domain_examples(rl: RLConfig, data, splits) -> tuple:
@@ -710,7 +714,7 @@ def run_rl(cfg, output_dir) -> dict[str, Any]:
     heldout = prompt_set(tokenizer, think, item_codes, valid, rl.max_prompt_length, rl.heldout_users, data=data) \
         if valid is not None and rl.heldout_users else train.take([])
     # a pool of training users is there to compare the two windows (conf/rl/default.yaml): say when they cannot
-    warning = window_warning(len(train), rl.prompts_per_rank * trainer.num_workers, rl.max_steps) \
+    warning = window_warning(len(train), rl.prompts_per_rank, trainer.num_workers, rl.max_steps, rl.seed) \
         if rl.train_users is not None else None
     if warning:
         print(warning, flush=True)
