@@ -432,7 +432,7 @@ def test_heldout_probe_scores_greedy_nothink_and_sampled(world):
     assert (sums["sampled_hits"], sums["sampled_reward_sum"]) == (sums["hits"], sums["reward_sum"])
     no_rationale = users.take(range(len(users)))
     hits, reward = grpo._decode_sums(decoder, think, no_rationale, [[]] * len(users), "rollout_beam", 4)
-    assert (sums["nothink_hits"], sums["nothink_reward_sum"]) == (hits, reward)
+    assert (sums["nothink_hits"], sums["nothink_reward_sum"]) == (float(hits.sum()), reward)
 
 
 def test_heldout_keeps_hits_per_user_and_the_paired_change_worked_by_hand():

@@ -537,24 +537,24 @@ def heldout_sums(model, decoder, think, users: PromptSet, reward: str, max_think
     if len(users) == 0:
         return {"users": 0.0, "hits": 0.0, "reward_sum": 0.0, "unclosed": 0.0, "user_hits": np.zeros(0)}
     bodies, closed = generate_rationales(model, think, users.prompts, max_think_tokens, pad_token_id)
-    user_hits, rewards = _decode_sums(decoder, think, users, bodies, reward, k, per_user=True)
+    user_hits, rewards = _decode_sums(decoder, think, users, bodies, reward, k)
     out = {"users": float(len(users)), "hits": float(user_hits.sum()), "reward_sum": rewards,
            "unclosed": float((~closed).sum()), "user_hits": user_hits}
     if probe_temperature is not None:
-        out["nothink_hits"], out["nothink_reward_sum"] = _decode_sums(decoder, think, users, [[]] * len(users),
-                                                                      reward, k)
+        nothink_hits, out["nothink_reward_sum"] = _decode_sums(decoder, think, users, [[]] * len(users), reward, k)
+        out["nothink_hits"] = float(nothink_hits.sum())
         with torch.random.fork_rng():  # generate_rationales seeds torch: leave the run's stream as it was
             sampled, _ = generate_rationales(model, think, users.prompts, max_think_tokens, pad_token_id,
                                              do_sample=True, temperature=probe_temperature, seed=seed)
-        out["sampled_hits"], out["sampled_reward_sum"] = _decode_sums(decoder, think, users, sampled, reward, k)
+        sampled_hits, out["sampled_reward_sum"] = _decode_sums(decoder, think, users, sampled, reward, k)
+        out["sampled_hits"] = float(sampled_hits.sum())
         out["sampled_tokens"] = float(sum(len(body) for body in sampled))
     return out
 
 
-def _decode_sums(decoder, think, users: PromptSet, bodies: list[list[int]], reward: str, k: int,
-                 per_user: bool = False) -> tuple[Any, float]:
-    """(hits@k, reward sum) of ``users`` after the rationale ``bodies`` (closed by </think>); ``per_user``: the
-    hits as a [U] 0/1 array instead of their sum."""
+def _decode_sums(decoder, think, users: PromptSet, bodies: list[list[int]], reward: str, k: int
+                 ) -> tuple[np.ndarray, float]:
+    """([U] 0/1 hits@k, reward sum) of ``users`` after the rationale ``bodies`` (closed by </think>)."""
     from onerec_dist.reasoning.cot_format import close_think
 
     result = decoder.decode([close_think(think, p, b) for p, b in zip(users.prompts, bodies)],
@@ -563,7 +563,7 @@ def _decode_sums(decoder, think, users: PromptSet, bodies: list[list[int]], rewa
     hits = (items[:, :k] == torch.as_tensor(users.targets).unsqueeze(1)).any(dim=1)         # [U]
     beams = result.codes.cpu().masked_fill((items < 0).unsqueeze(-1), MISSING_CODE)         # [U, K, L]
     rewards = compute_reward(reward, beams, torch.as_tensor(users.target_codes, dtype=torch.long))
-    return (hits.numpy().astype(np.float64) if per_user else float(hits.sum())), float(rewards.sum())
+    return hits.numpy().astype(np.float64), float(rewards.sum())
 
 
 def heldout_report(totals: dict[str, float], user_hits: np.ndarray | None = None) -> dict[str, Any]:
